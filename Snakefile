@@ -1,0 +1,19 @@
+# vlnflow workflow: index -> shard -> precompute -> manifest -> validate -> train -> report.
+# The map is ../shared/DESIGN.md (mirrored in README.md); logic lives in src/vlnflow.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+
+
+rule all:
+    input:
+        "results/index/samples.parquet",
+        "results/shards/shards.json",
+    default_target: True

@@ -1,0 +1,1 @@
+"""Functions the Snakefile's rules call at parse time (input functions, fingerprints)."""
