@@ -16,6 +16,7 @@ from vlnflow import __version__
 # (module path) — each registers one or more subcommands.
 SUBCOMMAND_MODULES = [
     "vlnflow.data.cli",
+    "vlnflow.cache.cli",
 ]
 
 

@@ -1,0 +1,73 @@
+# Feature cache: one precompute job per shard, a manifest, and validation that fails loudly.
+# precompute_all = every shard file + manifest + validation.
+
+
+rule precompute_shard:
+    input:
+        shard="results/shards/{shard}.parquet",
+    output:
+        h5="results/cache/{shard}.h5",
+        stats="results/benchmark/precompute/{shard}.stats.json",
+    params:
+        encoder=ENCODER_FINGERPRINT,  # any encoder setting change makes every shard stale
+        partial=lambda wildcards: f"results/cache/.partial/{wildcards.shard}.h5",
+    log:
+        "results/logs/precompute/{shard}.log",
+    benchmark:
+        "results/benchmark/precompute/{shard}.tsv"
+    script:
+        "../workflow_scripts/precompute_shard.py"
+
+
+rule validate_shard:
+    input:
+        h5="results/cache/{shard}.h5",
+        shard="results/shards/{shard}.parquet",
+    output:
+        "results/cache/validation/{shard}.json",
+    params:
+        encoder=ENCODER_FINGERPRINT,
+        quarantine="results/cache/corrupt",
+    log:
+        "results/logs/validate/{shard}.log",
+    benchmark:
+        "results/benchmark/validate/{shard}.tsv"
+    script:
+        "../workflow_scripts/validate_shard.py"
+
+
+rule merge_manifest:
+    input:
+        wf.per_shard(checkpoints, "results/cache/{shard}.h5"),
+    output:
+        json="results/cache/manifest.json",
+        parquet="results/cache/manifest.parquet",
+    log:
+        "results/logs/merge_manifest.log",
+    benchmark:
+        "results/benchmark/merge_manifest.tsv"
+    script:
+        "../workflow_scripts/merge_manifest.py"
+
+
+rule validate_cache:
+    input:
+        manifest="results/cache/manifest.json",
+        manifest_table="results/cache/manifest.parquet",
+        reports=wf.per_shard(checkpoints, "results/cache/validation/{shard}.json"),
+        samples="results/index/samples.parquet",
+    output:
+        "results/cache/validation.json",
+    params:
+        encoder=ENCODER_FINGERPRINT,
+    log:
+        "results/logs/validate_cache.log",
+    benchmark:
+        "results/benchmark/validate_cache.tsv"
+    script:
+        "../workflow_scripts/validate_cache.py"
+
+
+rule precompute_all:
+    input:
+        "results/cache/validation.json",

@@ -1,0 +1,48 @@
+"""What a full cache will cost before anything runs: bytes, files and GPU-hours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlnflow.cache.format import BYTES_PER_VALUE
+
+PATCH = 14
+VGGT_CHANNELS = {"tiny": 64, "vggt-1b": 2048}
+
+# Measured batched block-causal encoder throughput on one H100 (docs/benchmarks.md, issue 3).
+# Used only when no --samples-per-s is given; the estimate prints which figure it used.
+DEFAULT_SAMPLES_PER_S = {"vggt-1b": None, "tiny": None}
+
+
+@dataclass
+class CacheEstimate:
+    samples: int
+    feature_shape: tuple[int, int]
+    dtype: str
+    shards: int
+    bytes_per_sample: int
+    total_bytes: int
+    files: int
+    samples_per_s: float | None
+    gpu_hours: float | None
+
+    def lines(self) -> list[str]:
+        p, c = self.feature_shape
+        out = [
+            f"samples            {self.samples:,}",
+            f"feature per sample {p} x {c} {self.dtype} = {self.bytes_per_sample:,} B ({self.bytes_per_sample / 2**20:.2f} MiB)",
+            f"total              {self.total_bytes:,} B = {self.total_bytes / 1e12:.3f} TB ({self.total_bytes / 2**40:.2f} TiB), before compression",
+            f"files              {self.files} ({self.shards} shard files + manifest.json + manifest.parquet)",
+        ]
+        if self.gpu_hours is not None:
+            out.append(f"GPU time           {self.gpu_hours:,.1f} GPU-hours at {self.samples_per_s:.2f} samples/s per GPU")
+        else:
+            out.append("GPU time           unknown: pass --samples-per-s (measured by bench/bench_spatial.py)")
+        return out
+
+
+def estimate(samples: int, image_size: int, channels: int, dtype: str, shards: int, samples_per_s: float | None) -> CacheEstimate:
+    grid = image_size // PATCH
+    per_sample = grid * grid * channels * BYTES_PER_VALUE[dtype]
+    hours = samples / samples_per_s / 3600 if samples_per_s else None
+    return CacheEstimate(samples, (grid * grid, channels), dtype, shards, per_sample, per_sample * samples, shards + 2, samples_per_s, hours)

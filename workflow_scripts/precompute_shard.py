@@ -1,0 +1,17 @@
+"""Rule precompute_shard: compute one shard's VGGT features (logic: vlnflow.cache.precompute)."""
+import json
+
+from vlnflow.cache.precompute import precompute_shard
+from vlnflow.data.shards import read_shard_fingerprint
+from vlnflow.workflow.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+stats = precompute_shard(
+    snakemake.input.shard,
+    read_shard_fingerprint(snakemake.input.shard),
+    snakemake.output.h5,
+    snakemake.params.partial,
+    snakemake.config,
+)
+with open(snakemake.output.stats, "w") as fh:
+    json.dump(stats, fh, indent=2)
