@@ -16,7 +16,9 @@ from vlnflow import __version__
 # (module path) — each registers one or more subcommands.
 SUBCOMMAND_MODULES = [
     "vlnflow.data.cli",
+    "vlnflow.train.launch",
     "vlnflow.cache.cli",
+    "vlnflow.monitor.cli",
 ]
 
 

@@ -1,0 +1,99 @@
+"""The monitor's printed report: a few plain `key=value` lines, easy to read and to grep.
+
+    [2026-11-27 14:40:05] results/train/demo/metrics.jsonl
+      step=20/28710 s/it=55.29 steps/s=0.0181 eta=440:56:31 loss=2.3100 lr=1e-05 epoch=0.01 updated=12s_ago
+      samples: cached=160 live=0 (100.0% cached) samples/s=2.89 tokens/s=5120 data_wait=3.1%
+      gpu0 NVIDIA H100 80GB HBM3: 61.2/79.6 GiB util=97%
+
+Unknown values print as `?`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vlnflow.monitor.gpu import GpuReading
+from vlnflow.monitor.stats import Summary, format_duration
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "?" if value is None else format(value, fmt)
+
+
+def _progress_line(s: Summary, now: float) -> str:
+    latest = s.latest
+    parts = [
+        f"step={s.step}/{s.max_steps if s.max_steps is not None else '?'}",
+        f"s/it={_num(s.s_per_it, '.2f')}",
+        f"steps/s={_num(s.steps_per_s, '.4f')}",
+        f"eta={'?' if s.eta_s is None else format_duration(s.eta_s)}",
+        f"loss={_num(latest.get('loss'), '.4f')}",
+    ]
+    if latest.get("lr") is not None:
+        parts.append(f"lr={latest['lr']:.3g}")
+    if latest.get("epoch") is not None:
+        parts.append(f"epoch={latest['epoch']:.2f}")
+    if latest.get("time") is not None:
+        age = max(0.0, now - latest["time"])
+        parts.append(f"updated={age:.0f}s_ago" if age < 120 else f"updated={format_duration(age)}_ago")
+    if s.finished:
+        parts.append("finished")
+    return "  " + " ".join(parts)
+
+
+def _samples_line(s: Summary) -> str | None:
+    latest = s.latest
+    cached, live = latest.get("cached_samples"), latest.get("live_samples")
+    parts = []
+    if cached is not None or live is not None:
+        parts.append(f"cached={_num(cached, 'd')} live={_num(live, 'd')}")
+        if cached is not None and live is not None and cached + live > 0:
+            parts.append(f"({100.0 * cached / (cached + live):.1f}% cached)")
+    if latest.get("cached_batches") is not None:
+        parts.append(f"cached_batches={latest['cached_batches']}")
+    if latest.get("samples_per_s") is not None:
+        parts.append(f"samples/s={latest['samples_per_s']:.2f}")
+    if latest.get("tokens_per_s") is not None:
+        parts.append(f"tokens/s={latest['tokens_per_s']:.0f}")
+    if s.data_wait_frac is not None:
+        parts.append(f"data_wait={100.0 * s.data_wait_frac:.1f}%")
+    if latest.get("cache_manifest"):
+        parts.append(f"cache={latest['cache_manifest']}")
+    return "  samples: " + " ".join(parts) if parts else None
+
+
+def _gpu_lines(reading: GpuReading, summary: Summary) -> list[str]:
+    lines = [f"  gpu: {reading.problem or 'no GPU visible'}"] if not reading.gpus else [
+        f"  gpu{g.index} {g.name}: {g.used_gib:.1f}/{g.total_gib:.1f} GiB util={_num(g.util_percent, 'd')}%"
+        for g in reading.gpus
+    ]
+    peak = summary.latest.get("gpu_mem_gib")
+    if peak:
+        lines.append("  train peak allocated (logging rank's GPUs): " + " ".join(f"{v:.1f}" for v in peak) + " GiB")
+    return lines
+
+
+def format_report(
+    summary: Summary,
+    gpus: GpuReading,
+    *,
+    log: Path,
+    now: float,
+    log_exists: bool = True,
+    problems: list[str] | None = None,
+) -> str:
+    """One report block for one tick of the monitor."""
+    lines = [f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}] {log}"]
+    if not log_exists:
+        lines.append(f"  waiting for {log} to appear")
+    elif summary.step is None:
+        lines.append("  waiting for first step")
+    else:
+        lines.append(_progress_line(summary, now))
+    samples = _samples_line(summary)
+    if samples:
+        lines.append(samples)
+    lines.extend(_gpu_lines(gpus, summary))
+    lines.extend(f"  warning: {p}" for p in problems or ())
+    return "\n".join(lines)
