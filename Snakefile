@@ -10,6 +10,7 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/dataset.smk"
+include: "rules/benchmark.smk"
 
 
 rule all:

@@ -1,0 +1,81 @@
+"""Input function of the benchmark_report rule: every file the pipeline's jobs wrote that the report reads.
+
+Benchmark TSV paths come from each rule's own `benchmark:` directive, so the report follows the
+rule files; a stage whose rule is not in the workflow contributes no files (and the report says so).
+Naming these files as inputs makes `snakemake benchmark_report` run the pipeline first.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Report stage -> the rules whose benchmark files make up that stage.
+STAGE_RULES = {
+    "index": ("index",),
+    "shard": ("shard",),
+    "precompute": ("precompute_shard",),
+    "manifest": ("merge_manifest",),
+    "validate": ("validate_shard", "validate_cache"),
+    "train": ("train",),
+}
+TRAIN_METRICS = "results/train/{run}/metrics.jsonl"
+LIVE_RUN = "{run}_live"
+
+
+def fill(pattern: str, shards: list[str], run: str | None) -> list[str]:
+    """A path pattern -> concrete paths: one per shard for {shard}, the run name for {run}."""
+    if "{run}" in pattern and run is None:
+        return []
+    if "{shard}" in pattern:
+        return [pattern.format(shard=s, run=run) for s in shards]
+    return [pattern.format(run=run)]
+
+
+def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
+    """Input function (use with `unpack`): named lists of benchmark TSVs, stats, manifest, metrics."""
+
+    def produced(path: str) -> bool:
+        return any(rule.is_producer(path) for rule in workflow.rules)
+
+    def inputs(wildcards) -> dict[str, list[str]]:
+        from vlnflow.workflow.helpers import shard_names
+
+        shards = shard_names(checkpoints) if rules.has("shard") else []
+        run = config.get("train", {}).get("run")
+        out: dict[str, list[str]] = {}
+        for stage, names in STAGE_RULES.items():
+            out[stage] = [
+                path
+                for name in names
+                if rules.has(name) and getattr(rules, name).rule.benchmark is not None
+                for path in fill(str(getattr(rules, name).benchmark), shards, run)
+            ]
+        out["samples"] = [str(rules.index.output.samples)] if rules.has("index") else []
+        out["precompute_stats"] = (
+            fill(str(rules.precompute_shard.output.stats), shards, run) if rules.has("precompute_shard") else []
+        )
+        out["manifest_json"] = [str(rules.merge_manifest.output.json)] if rules.has("merge_manifest") else []
+        train = fill(TRAIN_METRICS, shards, run)
+        out["train_metrics"] = [p for p in train if produced(p)]
+        live = []
+        if run is not None and config["benchmark"]["compare_live_steps"] > 0:
+            live = [p for p in fill(TRAIN_METRICS, shards, LIVE_RUN.format(run=run)) if produced(p)]
+        out["live_metrics"] = live
+        return out
+
+    return inputs
+
+
+def invocation_param(workflow) -> Callable:
+    """Params function: the Snakemake command line building the report, written at its top. Only the
+    main process knows it (the rule is a localrule, so the job runs there)."""
+
+    def command(wildcards) -> str:
+        if not workflow.is_main_process:
+            return "unknown (not the main Snakemake process)"
+        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+    return command
