@@ -1,0 +1,119 @@
+"""samples.parquet rows + their spatial features -> one packed training batch.
+
+Samples are PACKED into a single row (no padding, no attention mask): the model gets
+per-sample boundaries (`cu_seqlens`) and restarts positions at every sample, so
+attention never crosses samples (exact with transformers' sdpa packed mask and with
+the varlen attention of `packed_attention`). Padding would force a dense mask on
+SDPA, measured slower per sample than batch 1 (../shared/QWEN_GPU_REFERENCE.md).
+
+Batch keys (tensors on CPU; the trainer moves them):
+  input_ids [1, T], labels [1, T] (-100 off the answers), mm_token_type_ids [1, T]
+  cu_seqlens [B+1] int32, max_seqlen int, label_positions [L] (index p: predict
+  labels[p] from position p-1; never a sample's first token)
+  pixel_values [patches, 3*2*14*14], image_grid_thw [images, 3], image_sample_index [images]
+  spatial_features [B, P, C], sample_ids list[str]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlnflow.errors import DatasetError
+from vlnflow.model.chat import IGNORE_INDEX, conversation, tokenize_conversation
+from vlnflow.model.frames import load_padded_frame
+
+
+@dataclass
+class EncodedSample:
+    """One sample ready to pack: tokens, labels and Qwen pixel patches of its frames."""
+
+    sample_id: str
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # [patches, 1176]
+    image_grid_thw: torch.Tensor  # [frames, 3]
+
+
+class Collator:
+    """`Collator(tokenizer, image_processor, model_cfg, dataset_root=...)(rows, features) -> batch`.
+
+    `encode(row)` does the per-sample work (frames, processor, tokens) and can run in a
+    DataLoader worker; `pack(encoded, features)` joins samples into one batch.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        model_cfg: Mapping[str, Any],
+        *,
+        dataset_root: str | Path,
+        load_frame: Callable[[Path, int], Any] = load_padded_frame,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_size = int(model_cfg["image_size"])
+        self.root = Path(dataset_root)
+        self.load_frame = load_frame
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.merge = int(getattr(image_processor, "merge_size", 2))
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
+        return self.pack([self.encode(row) for row in rows], features)
+
+    def encode(self, row: Mapping[str, Any]) -> EncodedSample:
+        sample_id = str(row["sample_id"])
+        frames = list(row["frames"]) if row.get("frames") is not None else []
+        if not frames:
+            raise DatasetError(f"sample {sample_id!r} has no frames", episode=row.get("episode_id"))
+        images = [self.load_frame(self.root / f, self.image_size) for f in frames]
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        counts = (grid.prod(-1) // (self.merge * self.merge)).tolist()
+        prompt, answer = conversation(row, len(frames))
+        input_ids, labels = tokenize_conversation(self.tokenizer, prompt, answer, counts)
+        return EncodedSample(sample_id, input_ids, labels, processed["pixel_values"], grid)
+
+    def pack(self, samples: Sequence[EncodedSample], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
+        if len(samples) != len(features):
+            raise ValueError(f"{len(samples)} samples but {len(features)} spatial feature maps")
+        lengths = [len(s.input_ids) for s in samples]
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        input_ids = torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long)[None]
+        labels = torch.tensor([t for s in samples for t in s.labels], dtype=torch.long)[None]
+        supervised = labels[0] != IGNORE_INDEX
+        supervised[torch.as_tensor(cu[:-1], dtype=torch.long)] = False  # a sample's first token has no context
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
+            "cu_seqlens": torch.as_tensor(cu, dtype=torch.int32),
+            "max_seqlen": int(max(lengths)),
+            "label_positions": supervised.nonzero().squeeze(1),
+            "pixel_values": torch.cat([s.pixel_values for s in samples]),
+            "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
+            "image_sample_index": torch.cat(
+                [torch.full((len(s.image_grid_thw),), i, dtype=torch.long) for i, s in enumerate(samples)]
+            ),
+            "spatial_features": _stack_features(samples, features),
+            "sample_ids": [s.sample_id for s in samples],
+        }
+
+
+def _stack_features(samples: Sequence[EncodedSample], features) -> torch.Tensor:
+    """[B, P, C] from one [P, C] map per sample; every map must have the same shape."""
+    maps = [torch.as_tensor(f) for f in features]
+    first = maps[0].shape
+    for sample, fmap in zip(samples, maps):
+        if fmap.dim() != 2 or fmap.shape != first:
+            raise DatasetError(
+                f"sample {sample.sample_id!r}: spatial feature shape {tuple(fmap.shape)} differs from "
+                f"{tuple(first)} (expected [grid_h*grid_w, channels] for every sample)"
+            )
+    return torch.stack(maps)

@@ -1,0 +1,123 @@
+"""Two same-function speed fixes for transformers' Qwen2.5-VL vision tower (no fork).
+
+Measured on one H100 (../shared/QWEN_GPU_REFERENCE.md): without flash_attn the stock
+tower loops over windows with one SDPA call each (~9,100 launches per 9-image sample,
+host-bound), and its 3420-wide MLP is not a multiple of 8 bf16 elements, so cuBLAS
+picks a slow align-2 kernel. Here:
+
+* V1: each vision attention layer makes ONE variable-length attention call over
+  `cu_seqlens` (windows or whole images) instead of the per-window loop;
+* V2: the vision MLP is zero-padded to a multiple of 64 (3420 -> 3456). Padded gate/up
+  rows and down columns are zero, so silu(0) * 0 = 0 adds nothing, and their gradients
+  are zero too, so the function stays identical even if the tower is trained.
+
+`apply_vision_fast(visual)` applies both in place to a loaded tower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLMLP,
+    Qwen2_5_VLVisionAttention,
+    apply_rotary_pos_emb_vision,
+)
+
+from vlnflow.model.varlen import varlen_attention
+
+
+class VarlenVisionAttention(Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL vision attention with one varlen call per layer (V1); same weights, same function."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        seq_length = hidden_states.shape[0]
+        query, key, value = (
+            self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        )
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        out = varlen_attention(query, key, value, cu_seqlens, max_seqlen, causal=False, scale=self.scaling)
+        return self.proj(out.reshape(seq_length, -1))
+
+
+def use_varlen_vision_attention(visual: nn.Module) -> int:
+    """V1: switch every vision attention module of `visual` to `VarlenVisionAttention`; returns the count."""
+    count = 0
+    for module in visual.modules():
+        if type(module) is Qwen2_5_VLVisionAttention:
+            module.__class__ = VarlenVisionAttention  # same state, forward replaced
+            count += 1
+    return count
+
+
+def pad_vision_mlp(visual: nn.Module, multiple: int = 64) -> int:
+    """V2: zero-pad every vision MLP's intermediate width up to `multiple`; returns the new width.
+
+    The original width is kept as `mlp.original_intermediate_size` so a checkpoint
+    writer can slice the padding back off if it ever saves the tower.
+    """
+    width = None
+    for module in visual.modules():
+        if isinstance(module, Qwen2_5_VLMLP):
+            width = _pad_mlp(module, multiple)
+    if width is None:
+        raise ValueError("pad_vision_mlp: no Qwen2.5-VL vision MLP found in the given module")
+    return width
+
+
+def apply_vision_fast(visual: nn.Module, multiple: int = 64) -> nn.Module:
+    """Apply V1 (varlen attention) and V2 (MLP padded to `multiple`) to a vision tower in place."""
+    use_varlen_vision_attention(visual)
+    pad_vision_mlp(visual, multiple)
+    return visual
+
+
+def _pad_mlp(mlp: Qwen2_5_VLMLP, multiple: int) -> int:
+    width = mlp.gate_proj.out_features
+    padded = -(-width // multiple) * multiple
+    if padded == width:
+        return width
+    extra = padded - width
+    with torch.no_grad():
+        mlp.gate_proj = _grow_rows(mlp.gate_proj, extra)
+        mlp.up_proj = _grow_rows(mlp.up_proj, extra)
+        mlp.down_proj = _grow_cols(mlp.down_proj, extra)
+    if not hasattr(mlp, "original_intermediate_size"):
+        mlp.original_intermediate_size = width
+    mlp.intermediate_size = padded
+    return padded
+
+
+def _grow_rows(linear: nn.Linear, extra: int) -> nn.Linear:
+    """Linear with `extra` zero output rows (and zero bias entries) appended."""
+    weight = linear.weight
+    new = nn.Linear(linear.in_features, linear.out_features + extra, bias=linear.bias is not None)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    new.weight.zero_()
+    new.weight[: linear.out_features] = weight
+    if linear.bias is not None:
+        new.bias.zero_()
+        new.bias[: linear.out_features] = linear.bias
+    new.requires_grad_(weight.requires_grad)
+    return new
+
+
+def _grow_cols(linear: nn.Linear, extra: int) -> nn.Linear:
+    """Linear with `extra` zero input columns appended (bias unchanged)."""
+    weight = linear.weight
+    new = nn.Linear(linear.in_features + extra, linear.out_features, bias=linear.bias is not None)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    new.weight.zero_()
+    new.weight[:, : linear.in_features] = weight
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    new.requires_grad_(weight.requires_grad)
+    return new
