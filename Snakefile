@@ -10,6 +10,8 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/dataset.smk"
+include: "rules/precompute.smk"
+include: "rules/train.smk"
 include: "rules/benchmark.smk"
 
 

@@ -5,3 +5,9 @@ from vlnflow.workflow import helpers as wf
 validate_config(config)
 
 RESULTS = "results"
+
+# Any encoder setting (weights, preset, layer, dtype, resolution, frame order) changes this
+# value, and with it the params of every precompute job: all shards become stale.
+from vlnflow.spatial.fingerprint import encoder_fingerprint
+
+ENCODER_FINGERPRINT = encoder_fingerprint(config["spatial"])

@@ -15,6 +15,8 @@ rule precompute_shard:
         "results/logs/precompute/{shard}.log",
     benchmark:
         "results/benchmark/precompute/{shard}.tsv"
+    conda:
+        "../envs/vlnflow.yaml"
     script:
         "../workflow_scripts/precompute_shard.py"
 
@@ -32,6 +34,8 @@ rule validate_shard:
         "results/logs/validate/{shard}.log",
     benchmark:
         "results/benchmark/validate/{shard}.tsv"
+    conda:
+        "../envs/vlnflow.yaml"
     script:
         "../workflow_scripts/validate_shard.py"
 
@@ -46,6 +50,8 @@ rule merge_manifest:
         "results/logs/merge_manifest.log",
     benchmark:
         "results/benchmark/merge_manifest.tsv"
+    conda:
+        "../envs/vlnflow.yaml"
     script:
         "../workflow_scripts/merge_manifest.py"
 
@@ -64,6 +70,8 @@ rule validate_cache:
         "results/logs/validate_cache.log",
     benchmark:
         "results/benchmark/validate_cache.tsv"
+    conda:
+        "../envs/vlnflow.yaml"
     script:
         "../workflow_scripts/validate_cache.py"
 

@@ -2,13 +2,13 @@
 import json
 
 from vlnflow.cache.precompute import precompute_shard
-from vlnflow.data.shards import read_shard_fingerprint
+from vlnflow.data.shards import stored_fingerprint
 from vlnflow.workflow.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 stats = precompute_shard(
     snakemake.input.shard,
-    read_shard_fingerprint(snakemake.input.shard),
+    stored_fingerprint(snakemake.input.shard),
     snakemake.output.h5,
     snakemake.params.partial,
     snakemake.config,

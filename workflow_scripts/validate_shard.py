@@ -2,13 +2,13 @@
 import json
 
 from vlnflow.cache.validate import validate_shard
-from vlnflow.data.shards import read_shard_fingerprint
+from vlnflow.data.shards import stored_fingerprint
 from vlnflow.workflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
 expected = {
     "encoder_fingerprint": snakemake.params.encoder,
-    "shard_fingerprint": read_shard_fingerprint(snakemake.input.shard),
+    "shard_fingerprint": stored_fingerprint(snakemake.input.shard),
     "dtype": snakemake.config["cache"]["dtype"],
 }
 report = validate_shard(snakemake.input.h5, snakemake.input.shard, expected, snakemake.config, quarantine_dir=snakemake.params.quarantine)

@@ -1,0 +1,74 @@
+"""Global attention across frames without a dense mask.
+
+Block-causal attention (a query in frame k sees the keys of frames 0..k) is
+computed as one unmasked SDPA call per query frame over the key prefix of
+frames 0..k: every call is a plain flash/cuDNN attention on contiguous slices,
+the FLOPs are exactly the block-causal ones, and there is no (L x L) mask. On
+CUDA, FlexAttention with a frame-level block mask is the alternative
+(`backend="flex"`); both are measured in bench/bench_spatial.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _bhtd(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*S, T, H, D) frames -> (B, H, S*T, D) view of the whole sequence per sample."""
+    _, t, h, d = x.shape
+    return x.reshape(batch, -1, h, d).transpose(1, 2)
+
+
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, backend: str = "prefix"
+) -> torch.Tensor:
+    """q, k, v (B*S, T, H, D) with S = `frames` per sample -> (B*S, T, H, D) block-causal output."""
+    n, t, h, d = q.shape
+    batch = n // frames
+    qs, ks, vs = _bhtd(q, batch), _bhtd(k, batch), _bhtd(v, batch)
+    if backend == "flex":
+        out = _flex_block_causal(qs, ks, vs, t, frames)
+        return out.transpose(1, 2).reshape(n, t, h, d)
+    if backend != "prefix":
+        raise ValueError(f"unknown global attention backend {backend!r} (prefix | flex)")
+    outs = []
+    for f in range(frames):
+        end = (f + 1) * t
+        o = F.scaled_dot_product_attention(qs[:, :, f * t : end], ks[:, :, :end], vs[:, :, :end])
+        outs.append(o.transpose(1, 2))  # (B, T, H, D)
+    return torch.cat(outs, dim=1).reshape(n, t, h, d)
+
+
+def last_frame_attention(q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int) -> torch.Tensor:
+    """Queries of each sample's last frame (B, T, H, D) against all its frames' keys (B*S, T, H, D)."""
+    batch = q_last.shape[0]
+    out = F.scaled_dot_product_attention(q_last.transpose(1, 2), _bhtd(k, batch), _bhtd(v, batch))
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _flex_kernel():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _frame_block_mask(tokens_per_frame: int, frames: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal_frames(b, h, q_idx, kv_idx):
+        return kv_idx // tokens_per_frame <= q_idx // tokens_per_frame
+
+    length = tokens_per_frame * frames
+    return create_block_mask(causal_frames, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def _flex_block_causal(q, k, v, tokens_per_frame: int, frames: int) -> torch.Tensor:
+    if q.device.type != "cuda":
+        raise ValueError("the flex attention backend needs a CUDA device; use backend 'prefix'")
+    mask = _frame_block_mask(tokens_per_frame, frames, str(q.device))
+    return _flex_kernel()(q, k, v, block_mask=mask)

@@ -1,0 +1,31 @@
+"""What the `train` rule runs: freeze the effective config into the run dir, then `vlnflow launch`.
+
+The config file written here is what every rank (on every node) reads, so `--config`
+overrides given to Snakemake reach training exactly as the workflow saw them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, use_cache: bool = True,
+                  max_steps: int | None = None) -> int:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / ("config.live.yaml" if not use_cache else "config.yaml")
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    argv = [sys.executable, "-m", "vlnflow.cli", "launch", "--config", str(config_path), "-m", "vlnflow.train.run",
+            "--config", str(config_path), "--run-dir", str(run_dir)]
+    if not use_cache:
+        argv.append("--no-cache")
+    if max_steps:
+        argv += ["--max-steps", str(max_steps)]
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
