@@ -25,15 +25,24 @@ class ConfigError(UserError):
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate `config` in place (filling defaults) and return it; raise ConfigError naming the key."""
     import jsonschema
-    from snakemake.utils import validate
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    fill_defaults(schema, config)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
         raise ConfigError(f"config setting '{where}': {error.message}")
-    validate(config, str(SCHEMA_PATH), set_default=True)
     return config
+
+
+def fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
+    """Insert each property's schema default where the key is absent, recursively (as Snakemake's
+    validate(set_default=True) does; done here so the package needs no Snakemake at run time)."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(key), dict) and "properties" in sub:
+            fill_defaults(sub, instance[key])
 
 
 def load_config(path: str | Path = "config.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
                     log.info("[ACCELERATION] Using cached features for batch %d", state["step"])
                 state["_live_logged"] = int(live)
                 log.info("step %d/%d loss %.4f %.2f s/it %.2f samples/s", state["step"], total, summary["loss"], elapsed, summary["samples_per_s"])
-            if state["step"] % tcfg["save_every"] == 0 or state["step"] == total:
+            if state["step"] % tcfg["save_every"] == 0 or (state["step"] == total and tcfg["save_at_end"]):
                 client = {"step": state["step"], "micro": state["micro"], "cached": int(cached), "live": int(live)}
                 checkpoints.save(engine, ckpt_dir, state["step"], client, tcfg["keep_last"], is_rank0)
             losses, wait, tokens, step_started = [], 0.0, 0, time.perf_counter()
