@@ -21,6 +21,7 @@ $(DEMO_DATA)/.complete: $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/.complete
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -c 2 all
+	@echo "benchmark report: $(abspath results/benchmark/report.md) (table: report.csv, plot: timing.png)"
 
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -17,6 +17,7 @@ include: "rules/benchmark.smk"
 
 rule all:
     input:
-        "results/index/samples.parquet",
-        "results/shards/shards.json",
+        "results/cache/validation.json",
+        rules.train.output.metrics,
+        rules.benchmark_report.output,
     default_target: True

@@ -2,26 +2,21 @@
 # Nodes and GPUs per node come from config.yaml's cluster section; Slurm specifics
 # (partition, gres, exclusive) live in the slurm_h800 profile.
 
+import os
+
 TRAIN_RUN = config["train"]["run"]
 NODES = config["cluster"]["nodes"]
-
-
-def train_cache_inputs(wildcards):
-    """Training waits for a validated cache when one is configured."""
-    if config["train"]["cache"] is None:
-        return []
-    return ["results/cache/validation.json"]
 
 
 rule train:
     input:
         samples=config["train"]["samples"],
-        validated=train_cache_inputs,
+        validated=wf.train_cache_inputs(config),
     output:
         metrics=f"results/train/{TRAIN_RUN}/metrics.jsonl",
         summary=f"results/train/{TRAIN_RUN}/summary.json",
     params:
-        run_dir=f"results/train/{TRAIN_RUN}",
+        run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         use_cache=config["train"]["cache"] is not None,
         max_steps=None,
         gpus_per_node=config["cluster"]["gpus_per_node"],
@@ -46,7 +41,7 @@ rule train_live:
         metrics=f"results/train/{TRAIN_RUN}_live/metrics.jsonl",
         summary=f"results/train/{TRAIN_RUN}_live/summary.json",
     params:
-        run_dir=f"results/train/{TRAIN_RUN}_live",
+        run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         use_cache=False,
         max_steps=config["benchmark"]["compare_live_steps"] or None,
         gpus_per_node=config["cluster"]["gpus_per_node"],

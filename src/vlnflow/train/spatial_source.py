@@ -25,7 +25,12 @@ class SpatialSource:
         self.cached = 0
         self.live = 0
         self._encoder = None
-        if manifest is not None and Path(manifest).exists():
+        if manifest is not None and not Path(manifest).exists():
+            raise UserError(
+                f"train.cache is {manifest}, which does not exist: run `snakemake precompute_all` first, "
+                f"or set train.cache: null to compute every sample live"
+            )
+        if manifest is not None:
             from vlnflow.cache.store import FeatureStore
 
             store = FeatureStore(manifest)
@@ -41,7 +46,7 @@ class SpatialSource:
             self.store = store
             log.info("[INFO] VGGT feature cache enabled: %s", manifest)
         else:
-            log.info("[INFO] VGGT feature cache disabled (%s): every sample is encoded live", manifest or "no manifest")
+            log.info("[INFO] VGGT feature cache disabled: every sample is encoded live")
 
     @property
     def encoder(self):

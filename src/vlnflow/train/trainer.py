@@ -149,6 +149,7 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
         if rank != 0:  # checkpoints hold global sample counts; rank 0 carries them on
             state["cached"] = state["live"] = 0
         log.info("resuming at optimizer step %d", state["step"])
+    state["_live_logged"] = state["live"]  # the per-step live count in the log starts from the restored total
     source.cached, source.live = state["cached"], state["live"]
 
     dataset = TrainSamples(samples, collator, source, config["dataset"]["root"], config["spatial"]["image_size"])

@@ -1,0 +1,88 @@
+"""The demo data set: real, structured frames in both formats, deterministic, small."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlnflow.cli import main
+from vlnflow.data.demo import make_demo, write_episode
+from vlnflow.data.fingerprint import dataset_fingerprint
+from vlnflow.data.vocabulary import ACTIONS, parse_step_filename
+
+
+def test_demo_layout_and_content(demo_data):
+    episodes = sorted(p for p in (demo_data / "episodes").iterdir())
+    assert len(episodes) == 14 and (demo_data / ".complete").exists()
+    lengths, actions = [], set()
+    for episode in episodes:
+        frames = sorted(episode.glob("step_*.png"))
+        lengths.append(len(frames))
+        actions |= {parse_step_filename(f.name)[1] for f in frames}
+        assert parse_step_filename(frames[-1].name)[1] == "STOP"
+        for frame in frames:
+            desc = json.loads(frame.with_suffix(".json").read_text())
+            assert desc["landmark_description"] and desc["spatial_description"]
+        milestones = json.loads((episode / "milestones_result.json").read_text())
+        assert milestones["instruction_text"] and milestones["subinstructions"]
+        assert all(0 <= c["checkpoint_frame_index"] < len(frames) for c in milestones["completion_checkpoints"])
+    assert min(lengths) == 3 and max(lengths) == 40
+    assert actions == set(ACTIONS)
+    entries = json.loads((demo_data / "annotations.json").read_text())
+    assert len(entries) == sum(lengths)
+    assert set(entries[0]) == {"id", "conversations", "images"}
+    assert all((demo_data / image).is_file() for entry in entries for image in entry["images"])
+
+
+def test_frames_have_structure_and_change_with_actions(tmp_path):
+    write_episode(str(tmp_path / "ep"), "ep", 6, seed=3, size=(640, 480))
+    frames = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "ep").glob("step_*.png"))]
+    assert frames[0].shape == (480, 640, 3)
+    for frame in frames:
+        assert frame.std() > 10  # never a constant image
+        assert len(np.unique(frame.reshape(-1, 3), axis=0)) > 5
+    assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(frames, frames[1:]))
+
+
+def test_demo_is_deterministic(tmp_path):
+    make_demo(str(tmp_path / "a"), n_episodes=3, size=(48, 32), seed=5)
+    make_demo(str(tmp_path / "b"), n_episodes=3, size=(48, 32), seed=5)
+    a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert len(a) > 10
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in a)
+
+
+def test_full_size_demo_stays_small(tmp_path, capsys):
+    assert main(["demo-data", str(tmp_path / "demo")]) == 0
+    total = sum(p.stat().st_size for p in (tmp_path / "demo").rglob("*") if p.is_file())
+    assert total < 10e6
+    assert "14 episodes" in capsys.readouterr().out
+    # an existing demo is not silently replaced
+    assert main(["demo-data", str(tmp_path / "demo")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_bad_size(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["demo-data", str(tmp_path / "x"), "--size", "big"])
+
+
+def test_dataset_fingerprint_tracks_files(demo_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "episodes"
+    shutil.copytree(demo_data / "episodes", root)
+    first = dataset_fingerprint(str(root))
+    assert dataset_fingerprint(str(root)) == first
+    step_json = next((root / "ep0003").glob("step_*.json"))
+    step_json.write_text(step_json.read_text().replace("m away", "metres away"))
+    edited = dataset_fingerprint(str(root))
+    assert edited != first
+    (root / "ep0003" / ".swp").write_text("editor noise")  # hidden files are ignored
+    assert dataset_fingerprint(str(root)) == edited
+    os.remove(next((root / "ep0005").glob("step_*.png")))
+    assert dataset_fingerprint(str(root)) != edited
+    assert dataset_fingerprint(str(tmp_path / "missing")) == "missing-root"

@@ -1,0 +1,263 @@
+"""Issue 5, resume and safety of the DeepSpeed trainer (tiny config, CPU, gloo, one process).
+
+A run killed after step 3 (its last complete checkpoint is step 2; a half-written step 3
+checkpoint lies beside it) resumes and continues the uninterrupted run's loss curve and its
+cached/live sample counters exactly (fp32 on CPU); keep_last prunes old checkpoints; a cache
+built by another encoder is refused unless train.allow_fingerprint_mismatch is set; the
+zero2_offload and zero3 presets train, checkpoint and resume to the same curve as zero2.
+Training runs in subprocesses (DeepSpeed's distributed state must not leak into pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from vlnflow.config import deep_merge, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+CRASH_RC = 17
+LOSS_ATOL = 1e-6  # fp32 on CPU, same data order: a resumed run must reproduce the curve bit for bit (almost)
+PRESET_RTOL = 1e-5  # another ZeRO stage / DeepSpeedCPUAdam instead of torch AdamW: same math, other kernels
+
+# Runs vlnflow.train.run; --crash-after-metrics N / --crash-after-save N kill the process (no cleanup,
+# like a node failure) right after step N's metrics line / step N's checkpoint is written.
+DRIVER = """
+import os, sys
+crash = {}
+while sys.argv[1].startswith("--crash-after-"):
+    flag, step = sys.argv.pop(1), int(sys.argv.pop(1))
+    crash[flag] = step
+from vlnflow.train import checkpoints, metrics
+if "--crash-after-metrics" in crash:
+    write = metrics.MetricsLog.write
+    def write_then_crash(self, **record):
+        write(self, **record)
+        if record["step"] == crash["--crash-after-metrics"]:
+            os._exit(%d)
+    metrics.MetricsLog.write = write_then_crash
+if "--crash-after-save" in crash:
+    save = checkpoints.save
+    def save_then_crash(engine, ckpt_dir, step, *args, **kwargs):
+        save(engine, ckpt_dir, step, *args, **kwargs)
+        if step == crash["--crash-after-save"]:
+            os._exit(%d)
+    checkpoints.save = save_then_crash
+from vlnflow.train.run import main
+sys.exit(main(sys.argv[1:]))
+""" % (CRASH_RC, CRASH_RC)
+
+
+def base_config(demo: Path, work: Path) -> dict:
+    return {
+        "dataset": {"root": str(demo / "episodes")},
+        "train": {
+            "samples": str(work / "index" / "samples.parquet"),
+            "cache": str(work / "cache" / "manifest.json"),
+            "deepspeed": "zero2",
+            "max_steps": 4,
+            "per_device_batch": 2,
+            "grad_accum": 2,
+            "save_every": 1,
+            "keep_last": 2,
+            "lr": {"llm": 1e-3, "merger": 1e-2},  # large enough that every step moves the loss visibly
+            "loader": {"workers": 1},
+        },
+    }
+
+
+def build_cache(demo: Path, work: Path) -> dict:
+    """index -> shards -> precompute every shard -> manifest, through the library functions."""
+    from vlnflow.cache.manifest import merge_manifest
+    from vlnflow.cache.precompute import precompute_shard
+    from vlnflow.data.index import IndexSettings, build_index
+    from vlnflow.data.shards import read_shard_list, write_shards
+    from vlnflow.spatial import SpatialEncoder
+
+    config = load_config(REPO / "config.yaml", base_config(demo, work))
+    idx = work / "index"
+    build_index(IndexSettings.from_config(config), str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(idx / "skipped.csv"))
+    shards = work / "shards"
+    write_shards(str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(shards), str(shards / "shards.json"), config["shards"]["count"])
+    encoder = SpatialEncoder.from_config(config["spatial"])
+    h5s = []
+    for shard in read_shard_list(str(shards / "shards.json")):
+        out = work / "cache" / f"{shard['name']}.h5"
+        precompute_shard(shards / f"{shard['name']}.parquet", shard["fingerprint"], out, work / "cache" / ".partial" / out.name,
+                         config, encoder=encoder, progress=False)
+        h5s.append(out)
+    merge_manifest(h5s, work / "cache" / "manifest.json", work / "cache" / "manifest.parquet")
+    return config
+
+
+def partial_cache(full_manifest: Path, out: Path, drop: list[str]) -> Path:
+    """A copy of the cache whose manifest lacks `drop` (shard files linked, not copied)."""
+    out.mkdir(parents=True)
+    shutil.copy(full_manifest, out / "manifest.json")
+    table = pd.read_parquet(full_manifest.with_suffix(".parquet"))
+    table[~table.sample_id.isin(drop)].to_parquet(out / "manifest.parquet", index=False)
+    for h5 in full_manifest.parent.glob("*.h5"):
+        (out / h5.name).symlink_to(h5)
+    return out / "manifest.json"
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.proc, self.dir = proc, run_dir
+        self.log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
+        path = run_dir / "metrics.jsonl"
+        self.metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def by_step(self) -> dict[int, dict]:
+        """The last metrics line of each step (a crashed attempt's lines come first)."""
+        return {m["step"]: m for m in self.metrics}
+
+    def checkpoints(self) -> list[str]:
+        ckpt = self.dir / "checkpoints"
+        return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) if ckpt.exists() else []
+
+
+def train(work: Path, name: str, overrides: dict, *args: str, driver_flags: tuple = (), expect_rc: int = 0) -> Run:
+    """Write <work>/<name>.yaml, run the trainer in a subprocess in run dir <work>/runs/<name>."""
+    config = deep_merge(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
+    config_path = work / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    driver = work / "driver.py"
+    driver.write_text(DRIVER)
+    run_dir = work / "runs" / name
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, str(driver), *driver_flags, "--config", str(config_path), "--run-dir", str(run_dir), *args]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == expect_rc, f"{' '.join(cmd)}: rc {proc.returncode}, expected {expect_rc}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return Run(proc, run_dir)
+
+
+@pytest.fixture(scope="module")
+def setup(demo_data, tmp_path_factory):
+    """The demo cache plus a copy lacking one sample of step 1 and two of step 3 (so live counters matter)."""
+    from vlnflow.train.data import micro_batches
+
+    work = tmp_path_factory.mktemp("train_resume")
+    config = build_cache(demo_data, work)
+    t = config["train"]
+    ids = pd.read_parquet(t["samples"]).sample_id.tolist()
+    micro = micro_batches(len(ids), t["per_device_batch"], 1, 0, t["seed"], 0)
+    per_step = t["per_device_batch"] * t["grad_accum"]
+    order = [ids[i] for batch in micro for i in batch]
+    missing = [order[0], order[2 * per_step], order[2 * per_step + 1]]  # step 1: 1 live sample, step 3: 2
+    manifest = partial_cache(Path(t["cache"]), work / "partial_cache", missing)
+    overrides = deep_merge(base_config(demo_data, work), {"train": {"cache": str(manifest)}})
+    return work, overrides, config
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    work, overrides, _ = setup
+    return train(work, "straight", overrides)
+
+
+@pytest.fixture(scope="module")
+def resumed(setup):
+    """Killed right after step 3's metrics (before its checkpoint), a half-written step 3 checkpoint planted, rerun."""
+    work, overrides, _ = setup
+    crashed = train(work, "resumed", overrides, driver_flags=("--crash-after-metrics", "3"), expect_rc=CRASH_RC)
+    ckpt = crashed.dir / "checkpoints"
+    assert crashed.checkpoints() == ["step_0000001", "step_0000002"]
+    (ckpt / "step_0000003").mkdir()  # a save cut short: no vlnflow_complete marker, unreadable states
+    (ckpt / "step_0000003" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (ckpt / "latest").write_text("step_0000003")
+    return crashed, train(work, "resumed", overrides)
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_uninterrupted_loss_curve(straight, resumed):
+    crashed, run = resumed
+    assert [m["step"] for m in straight.metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in crashed.metrics] == [1, 2, 3]
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 3, 4]  # step 3 again: its checkpoint never completed
+    assert "resuming at optimizer step 2" in run.log
+    ref = [m["loss"] for m in straight.metrics]
+    assert abs(ref[3] - ref[0]) > 1000 * LOSS_ATOL  # the curve moves: a wrong resume would show
+    got = run.by_step()
+    for step in (1, 2, 3, 4):
+        assert abs(got[step]["loss"] - ref[step - 1]) <= LOSS_ATOL, (step, got[step]["loss"], ref[step - 1])
+        assert got[step]["lr"] == pytest.approx(straight.metrics[step - 1]["lr"], rel=1e-9, abs=1e-15)
+    assert abs(crashed.metrics[2]["loss"] - ref[2]) <= LOSS_ATOL
+    assert run.metrics[-1]["epoch"] == straight.metrics[-1]["epoch"]
+
+
+@pytest.mark.slow
+def test_resume_restores_the_cached_and_live_counters(straight, resumed):
+    _, run = resumed
+    assert [m["live_samples"] for m in straight.metrics] == [1, 1, 3, 3]
+    assert [m["cached_samples"] for m in straight.metrics] == [3, 7, 9, 13]
+    got = run.by_step()
+    for step, ref in enumerate(straight.metrics, start=1):
+        assert (got[step]["cached_samples"], got[step]["live_samples"]) == (ref["cached_samples"], ref["live_samples"])
+    # the resumed process logs step 3's own live samples, not the total since the run began
+    after_resume = run.log.split("resuming at optimizer step 2", 1)[1]
+    assert "[ACCELERATION] step 3: 2 samples computed live" in after_resume
+    assert "[ACCELERATION] Using cached features for batch 4" in after_resume
+
+
+@pytest.mark.slow
+def test_keep_last_prunes_old_checkpoints_and_skips_incomplete_ones(straight, resumed):
+    _, run = resumed
+    for r in (straight, run):
+        assert r.checkpoints() == ["step_0000003", "step_0000004"]  # keep_last 2 of 4 saves
+        for tag in r.checkpoints():
+            assert (r.dir / "checkpoints" / tag / "vlnflow_complete").read_text().strip() == str(int(tag[5:]))
+    # the planted half-written step 3 was overwritten by the resumed run's real save
+    assert (run.dir / "checkpoints" / "step_0000003" / "mp_rank_00_model_states.pt").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cache_of_another_encoder_is_refused_unless_overridden(setup):
+    work, overrides, config = setup
+    full = {"train": {"cache": config["train"]["cache"]}}
+    refused = train(work, "mismatch", deep_merge(overrides, full), "--max-steps", "1", "--set", "spatial.seed=1", expect_rc=2)
+    manifest = config["train"]["cache"]
+    message = f"feature cache {manifest} was built by encoder"
+    assert message in refused.proc.stderr and message in refused.log
+    assert "train.allow_fingerprint_mismatch: true" in refused.log
+    assert not (refused.dir / "metrics.jsonl").exists() and not refused.checkpoints()
+
+    allowed = train(
+        work, "mismatch_allowed", deep_merge(overrides, full), "--max-steps", "1",
+        "--set", "spatial.seed=1", "--set", "train.allow_fingerprint_mismatch=true",
+    )
+    assert message in allowed.log and "override set: using it anyway" in allowed.log
+    assert f"[INFO] VGGT feature cache enabled: {manifest}" in allowed.log
+    assert [(m["step"], m["live_samples"], m["cached_samples"]) for m in allowed.metrics] == [(1, 0, 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["zero2_offload", "zero3"])
+def test_preset_trains_checkpoints_and_resumes_like_zero2(setup, straight, preset):
+    """zero2_offload compiles DeepSpeed's cpu_adam on first use (~45 s, cached in ~/.cache/torch_extensions)."""
+    work, overrides, _ = setup
+    cfg = deep_merge(overrides, {"train": {"deepspeed": preset}})
+    crashed = train(work, preset, cfg, driver_flags=("--crash-after-save", "2"), expect_rc=CRASH_RC)
+    assert [m["step"] for m in crashed.metrics] == [1, 2]
+    run = train(work, preset, cfg)
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    assert "resuming at optimizer step 2" in run.log
+    ref = [m["loss"] for m in straight.metrics]
+    assert [m["loss"] for m in run.metrics] == pytest.approx(ref, rel=PRESET_RTOL)
+    assert [m["live_samples"] for m in run.metrics] == [m["live_samples"] for m in straight.metrics]
+    states = torch.load(run.dir / "checkpoints" / "step_0000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        map_location="cpu", weights_only=False)
+    zero = states["ds_config"]["zero_optimization"]
+    assert zero["stage"] == (3 if preset == "zero3" else 2)
+    assert (zero.get("offload_optimizer") or {}).get("device") == ("cpu" if preset == "zero2_offload" else None)
