@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def base_config(work: Path, tiny: bool) -> dict:
     cfg["cache"]["spot_check"] = 0
     cfg["train"].update(
         {"run": "bench", "samples": str(work / "index" / "samples.parquet"), "cache": str(work / "cache" / "manifest.json"),
-         "save_every": 10**6, "save_at_end": False, "resume": False, "loader": {"workers": 4 if not tiny else 1, "prefetch_factor": 4}}
+         "save_every": 10**6, "save_at_end": False, "resume": False, "phase_timing": True, "loader": {"workers": 4 if not tiny else 1, "prefetch_factor": 4}}
     )
     if not tiny:
         cfg["spatial"].update({"preset": "vggt-1b", "image_size": 644, "device": "cuda", "batch_size": 16})
@@ -131,6 +132,7 @@ def prepare(work: Path, cfg: dict, tiny: bool, results: dict) -> None:
 
 def run_case(work: Path, cfg: dict, name: str, gpus: int, steps: int, overrides: dict, live: bool, timeout: float) -> dict:
     run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
     case_cfg = json.loads(json.dumps(cfg))
     for key, value in overrides.items():
         node = case_cfg
@@ -178,6 +180,9 @@ def summarize(case: dict, peak_tflops: float | None) -> dict:
         "tokens_per_sample": tokens / samples, "model_tflop_per_step": flops / 1e12,
         "loss_last": rows[-1]["loss"],
     }
+    for phase in ("forward_s", "backward_s", "step_s"):
+        if phase in rows[-1]:
+            out[phase] = statistics.median(r[phase] for r in rows)
     if peak_tflops:
         out["mfu_vs_matmul"] = flops / s_it / case["gpus"] / (peak_tflops * 1e12)
         out["mfu_vs_989"] = flops / s_it / case["gpus"] / 989e12
@@ -244,14 +249,15 @@ def main() -> int:
     (out / "train_bench.json").write_text(json.dumps(results, indent=2))
     print(f"\ndevice {results.get('device')}  matmul {results['matmul_tflops']} TFLOP/s  "
           f"precompute {results.get('precompute_total')}  VGGT streaming b1 {results.get('vggt_streaming_batch1_s_per_sample')} s/sample")
-    print(f"{'case':32} {'s/it':>7} {'smp/s/GPU':>9} {'wait%':>6} {'peakGiB':>8} {'MFU':>6} {'64-smp step on 8 GPUs':>10}")
+    print(f"{'case':32} {'s/it':>7} {'smp/s/GPU':>9} {'wait%':>6} {'peakGiB':>8} {'MFU':>6} {'64/8GPU':>8} {'fwd':>6} {'bwd':>6} {'opt':>6}")
     for case in results["cases"]:
         s = case.get("summary") or {}
         if not s.get("s_per_it"):
             print(f"{case['name']:32} not run / failed {case.get('skipped', '')}")
             continue
         print(f"{s['name']:32} {s['s_per_it']:7.2f} {s['samples_per_s_per_gpu']:9.3f} {s['data_wait_pct']:6.1f} "
-              f"{s['peak_gib']:8.1f} {s.get('mfu_vs_matmul', float('nan')):6.3f} {s['projected_s_per_64_sample_step_8gpu']:10.2f}")
+              f"{s['peak_gib']:8.1f} {s.get('mfu_vs_matmul', float('nan')):6.3f} {s['projected_s_per_64_sample_step_8gpu']:8.2f} "
+              f"{s.get('forward_s', float('nan')):6.2f} {s.get('backward_s', float('nan')):6.2f} {s.get('step_s', float('nan')):6.2f}")
     return 0
 
 

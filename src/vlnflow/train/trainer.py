@@ -20,7 +20,7 @@ from vlnflow.errors import UserError
 from vlnflow.train import checkpoints
 from vlnflow.train.data import TrainSamples, keep_items, micro_batches
 from vlnflow.train.deepspeed_config import build_ds_config
-from vlnflow.train.metrics import MetricsLog, gpu_memory_gib
+from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
 from vlnflow.train.spatial_source import SpatialSource
 
 log = logging.getLogger("vlnflow.train")
@@ -154,9 +154,10 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
 
     dataset = TrainSamples(samples, collator, source, config["dataset"]["root"], config["spatial"]["image_size"])
     loader_cfg = tcfg["loader"]
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_rank0)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_rank0, append=bool(resumed))
     accum = tcfg["grad_accum"]
     micro_per_epoch = per_epoch * accum
+    phases = PhaseTimer(enabled=tcfg["phase_timing"], device=device)
     losses, wait, step_started = [], 0.0, time.perf_counter()
     tokens = 0
     summary = {}
@@ -194,9 +195,12 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
             batch = collator.pack([i.encoded for i in items], feats)
             tokens += batch["input_ids"].numel()
             batch = _to_device(batch, device)
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()
+            with phases.measure("forward"):
+                loss = engine(batch)
+            with phases.measure("backward"):  # includes ZeRO's gradient reduction hooks
+                engine.backward(loss)
+            with phases.measure("step"):  # optimizer step at the accumulation boundary, else bookkeeping
+                engine.step()
             losses.append(loss.detach().float())
             state["micro"] += 1
             if state["micro"] % accum:
@@ -224,6 +228,7 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
                 "gpu_mem_gib": gpu_memory_gib(),
                 "world_size": world,
                 "rank": rank,
+                **phases.take(),
             }
             metrics.write(**summary)
             if state["step"] % tcfg["log_every"] == 0 and is_rank0:
