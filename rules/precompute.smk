@@ -10,6 +10,7 @@ rule precompute_shard:
         stats="results/benchmark/precompute/{shard}.stats.json",
     params:
         encoder=ENCODER_FINGERPRINT,  # any encoder setting change makes every shard stale
+        storage={"dtype": config["cache"]["dtype"], "compression": config["cache"]["compression"]},  # so does a storage change
         partial=lambda wildcards: f"results/cache/.partial/{wildcards.shard}.h5",
     log:
         "results/logs/precompute/{shard}.log",
@@ -30,6 +31,7 @@ rule validate_shard:
     params:
         encoder=ENCODER_FINGERPRINT,
         quarantine="results/cache/corrupt",
+        validated="results/cache/validation.json",  # removed when this shard is moved aside, so the next run rebuilds it
     log:
         "results/logs/validate/{shard}.log",
     benchmark:
@@ -42,7 +44,9 @@ rule validate_shard:
 
 rule merge_manifest:
     input:
-        wf.per_shard(checkpoints, "results/cache/{shard}.h5"),
+        h5=wf.per_shard(checkpoints, "results/cache/{shard}.h5"),
+        # after every shard's validation: never read a file that validate_shard is moving aside
+        reports=wf.per_shard(checkpoints, "results/cache/validation/{shard}.json"),
     output:
         json="results/cache/manifest.json",
         parquet="results/cache/manifest.parquet",

@@ -3,4 +3,4 @@ from vlnflow.cache.manifest import merge_manifest
 from vlnflow.workflow.logs import setup_logging
 
 setup_logging(snakemake.log[0])
-merge_manifest(list(snakemake.input), snakemake.output.json, snakemake.output.parquet)
+merge_manifest(list(snakemake.input.h5), snakemake.output.json, snakemake.output.parquet)

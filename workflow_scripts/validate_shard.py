@@ -1,5 +1,7 @@
 """Rule validate_shard: check one feature file; a corrupt file is moved aside (logic: vlnflow.cache.validate)."""
 import json
+import sys
+from pathlib import Path
 
 from vlnflow.cache.validate import validate_shard
 from vlnflow.data.shards import stored_fingerprint
@@ -14,5 +16,10 @@ expected = {
 report = validate_shard(snakemake.input.h5, snakemake.input.shard, expected, snakemake.config, quarantine_dir=snakemake.params.quarantine)
 for problem in report["problems"]:
     log.error("%s: %s", report["shard"], problem)
+if report.get("quarantined"):
+    # Fail without a report, and withdraw the cache's earlier validation: with both missing, the next run
+    # rebuilds this shard (Snakemake regenerates a missing intermediate file only for an output it must make).
+    Path(snakemake.params.validated).unlink(missing_ok=True)
+    sys.exit(f"{report['shard']}: unreadable or corrupt, moved to {report['quarantined']}; rerun to rebuild this shard")
 with open(snakemake.output[0], "w") as fh:
     json.dump(report, fh, indent=2)

@@ -77,7 +77,8 @@ class ShardFrames(Dataset):
             rows.append(row)
             index.append([order[rel] for rel in self.frames[row]])
         images = torch.stack(list(loaded.values())) if loaded else torch.empty(0)
-        return LoadedBatch(rows, images, torch.tensor(index, dtype=torch.long).reshape(len(rows), -1), errors)
+        width = len(self.frames[self.batches[i][0]])  # one frame count per batch (make_batches); explicit for a batch with no good row
+        return LoadedBatch(rows, images, torch.tensor(index, dtype=torch.long).reshape(len(rows), width), errors)
 
 
 def precompute_shard(

@@ -146,6 +146,7 @@ def validate_shard(
         problems.append(f"unreadable or corrupt: {type(exc).__name__}: {exc}")
         if quarantine_dir is not None and h5_path.exists():
             moved = _quarantine(h5_path, Path(quarantine_dir))
+            report["quarantined"] = str(moved)
             problems.append(f"moved to {moved}; the next run rebuilds this shard")
     report["ok"] = not problems
     return report

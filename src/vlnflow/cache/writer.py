@@ -90,7 +90,9 @@ class ShardWriter:
         n = len(self.sample_ids)
         p = self.attrs["grid_h"] * self.attrs["grid_w"]
         c = self.attrs["channels"]
-        f = h5py.File(self.partial_path, "w", libver="latest")
+        # Default libver, not "latest": a v3 superblock keeps a "file open for write" flag that a killed job
+        # never clears, and HDF5 then refuses to reopen the partial file, so a real kill could never resume.
+        f = h5py.File(self.partial_path, "w")
         f.create_dataset(
             fmt.FEATURES,
             shape=(n, p, c),
