@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlnflow.errors import DatasetError
+from vlnflow.spatial.preprocess import pad_mode_size, to_rgb
 
 WHITE = (255, 255, 255)
 
@@ -24,7 +25,7 @@ def load_padded_frame(path: str | Path, size: int) -> Image.Image:
     try:
         with Image.open(path) as raw:
             raw.load()
-            image = _to_rgb(raw)
+            image = to_rgb(raw)
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot read frame {path}: {exc}", path=str(path)) from exc
     return pad_to_square(image, size)
@@ -32,12 +33,7 @@ def load_padded_frame(path: str | Path, size: int) -> Image.Image:
 
 def pad_to_square(image: Image.Image, size: int) -> Image.Image:
     """Resize so the longer side is `size` (shorter side a multiple of 14), pad with white to a square."""
-    width, height = image.size
-    if width >= height:
-        new_w, new_h = size, round(height * (size / width) / 14) * 14
-    else:
-        new_w, new_h = round(width * (size / height) / 14) * 14, size
-    new_w, new_h = min(new_w, size), min(new_h, size)
+    new_w, new_h = (min(v, size) for v in pad_mode_size(*image.size, size))
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     if (new_w, new_h) == (size, size):
         return resized
@@ -45,9 +41,3 @@ def pad_to_square(image: Image.Image, size: int) -> Image.Image:
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return canvas
 
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGBA composited on white (as the VGGT input is), any other mode converted to RGB."""
-    if image.mode == "RGBA":
-        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE + (255,)), image)
-    return image.convert("RGB")

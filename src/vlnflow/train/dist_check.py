@@ -4,7 +4,8 @@ Why: a multi-node launch can "work" while being wrong (a node with a different
 gpus_per_node, a second node that never joined, ranks on one host only). Run it with
 `vlnflow launch -- $(python -c 'import vlnflow.train.dist_check as m; print(m.__file__)') --out report.json`
 (or `vlnflow launch -m -- vlnflow.train.dist_check`) before a long training job. The
-trainer calls `verify_world()` right after `init_process_group` for the same checks.
+trainer calls `verify_world()` right after `init_process_group` for the same checks, then
+`verify_manifest()`: every rank must see the same feature cache manifest before step 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from vlnflow.errors import UserError
 
 class WorldMismatchError(UserError):
     """The nodes of one job disagree about its shape (nodes x processes per node)."""
+
+
+class CacheMismatchError(UserError):
+    """A rank cannot read the feature cache manifest, or ranks see different manifests."""
 
 
 def rank_facts() -> dict:
@@ -85,6 +90,54 @@ def verify_world(dist=None) -> list[dict]:
     if problems:
         raise WorldMismatchError("; ".join(problems))
     return facts
+
+
+def manifest_facts(path: str | Path) -> dict:
+    """What this rank sees at the feature cache manifest: its encoder fingerprint and sample count, or the error."""
+    from vlnflow.cache.manifest import load_manifest
+
+    facts = rank_facts()
+    seen = {"rank": facts["rank"], "node": facts["node"], "host": facts["host"], "path": str(Path(path).absolute()),
+            "encoder_fingerprint": None, "samples": None, "error": None}
+    try:
+        manifest = load_manifest(path)
+        seen.update(encoder_fingerprint=manifest["encoder_fingerprint"], samples=int(manifest["samples"]))
+    except (UserError, OSError, ValueError, KeyError, TypeError) as exc:
+        seen["error"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
+def check_manifests(seen: Sequence[dict]) -> list[str]:
+    """Problems with what every rank saw at the cache manifest (empty when all agree); each names node and path."""
+    def where(fact: dict) -> str:
+        return f"node {fact['node']} (host {fact['host']}, rank {fact['rank']})"
+
+    problems = [f"{where(f)} cannot read the feature cache manifest {f['path']}: {f['error']}" for f in seen if f["error"]]
+    readable = [f for f in seen if not f["error"]]
+    if readable:
+        ref = readable[0]  # rank 0 when it could read the manifest
+        for fact in readable[1:]:
+            if (fact["encoder_fingerprint"], fact["samples"]) != (ref["encoder_fingerprint"], ref["samples"]):
+                problems.append(
+                    f"{where(fact)} sees manifest {fact['path']} with encoder {fact['encoder_fingerprint']} and "
+                    f"{fact['samples']} samples, but {where(ref)} sees {ref['path']} with encoder "
+                    f"{ref['encoder_fingerprint']} and {ref['samples']} samples")
+    if problems:
+        problems.append("every node must see the same feature cache (train.cache) on a shared filesystem")
+    return problems
+
+
+def verify_manifest(path: str | Path, dist=None) -> dict:
+    """Before step 1 on several ranks: every rank must read the same manifest (collective call, one small
+    all_gather). Raises CacheMismatchError naming the node and the path; returns rank 0's view."""
+    if dist is None:
+        import torch.distributed as dist
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, manifest_facts(path))
+    problems = check_manifests(seen)
+    if problems:
+        raise CacheMismatchError("; ".join(problems))
+    return seen[0]
 
 
 def describe_rank(fact: dict) -> str:

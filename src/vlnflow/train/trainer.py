@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -17,13 +18,15 @@ import pandas as pd
 import torch
 
 from vlnflow.errors import UserError
-from vlnflow.train import checkpoints
+from vlnflow.train import checkpoints, dist_check
 from vlnflow.train.data import TrainSamples, keep_items, micro_batches
 from vlnflow.train.deepspeed_config import build_ds_config
 from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
 from vlnflow.train.spatial_source import SpatialSource
 
 log = logging.getLogger("vlnflow.train")
+
+TEST_KILL_ENV = "VLNFLOW_TEST_KILL_RANK_AT_STEP"  # TEST-ONLY fault injection, see _test_kill
 
 
 def _single_process_env() -> None:
@@ -75,6 +78,22 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
+def _test_kill(rank: int, step: int, resumed: dict | None) -> None:
+    """TEST-ONLY fault injection for tests/slurm/test_slurm_train.py; never set it in a real run.
+
+    With VLNFLOW_TEST_KILL_RANK_AT_STEP=R:K, rank R SIGKILLs itself right after optimizer step K
+    (after that step's checkpoint, if one is due), as a node failure would. Only a run that started
+    fresh is killed, so the resubmitted job, which resumes from a checkpoint, runs through.
+    """
+    spec = os.environ.get(TEST_KILL_ENV)
+    if not spec or resumed:
+        return
+    kill_rank, kill_step = (int(v) for v in spec.split(":"))
+    if (rank, step) == (kill_rank, kill_step):
+        log.error("%s=%s (test-only): killing rank %d, pid %d, after step %d", TEST_KILL_ENV, spec, rank, os.getpid(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -98,7 +117,11 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
     is_rank0 = rank == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("rank %d/%d on %s (%s, backend %s)", rank, world, socket.gethostname(), device, backend)
+    log.info("%s (%s, backend %s)", dist_check.describe_rank(dist_check.rank_facts()), device, backend)
+    if world > 1:  # before step 1: the nodes agree on the job's shape and see the same feature cache
+        dist_check.verify_world(dist)
+        if use_cache and tcfg["cache"] is not None:
+            dist_check.verify_manifest(tcfg["cache"], dist)
     torch.manual_seed(tcfg["seed"])
 
     samples = pd.read_parquet(tcfg["samples"])
@@ -242,6 +265,7 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
             if state["step"] % tcfg["save_every"] == 0 or (state["step"] == total and tcfg["save_at_end"]):
                 client = {"step": state["step"], "micro": state["micro"], "cached": int(cached), "live": int(live)}
                 checkpoints.save(engine, ckpt_dir, state["step"], client, tcfg["keep_last"], is_rank0)
+            _test_kill(rank, state["step"], resumed)
             losses, wait, tokens, step_started = [], 0.0, 0, time.perf_counter()
     metrics.close()
     dist.barrier()

@@ -6,6 +6,8 @@ overrides given to Snakemake reach training exactly as the workflow saw them.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,9 @@ def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, us
         argv.append("--no-cache")
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
-    with open(log_path, "a") as log:
+    job = os.environ.get("SLURM_JOB_ID")
+    with open(log_path, "a") as log:  # appended: a resubmitted attempt follows the failed one
+        log.write(f"# train attempt{f' in Slurm job {job}' if job else ''} on {socket.gethostname()}\n")
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
