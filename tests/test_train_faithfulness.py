@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from vlnflow.config import deep_merge, load_config
+from train_helpers import build_cache, partial_cache
+from vlnflow.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -58,43 +58,6 @@ def base_config(demo: Path, work: Path) -> dict:
             "loader": {"workers": 1},
         },
     }
-
-
-def build_cache(demo: Path, work: Path) -> dict:
-    """index -> shards -> precompute every shard -> manifest, through the library functions."""
-    from vlnflow.cache.manifest import merge_manifest
-    from vlnflow.cache.precompute import precompute_shard
-    from vlnflow.data.index import IndexSettings, build_index
-    from vlnflow.data.shards import read_shard_list, write_shards
-    from vlnflow.spatial import SpatialEncoder
-
-    config = load_config(REPO / "config.yaml", base_config(demo, work))
-    idx = work / "index"
-    build_index(IndexSettings.from_config(config), str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(idx / "skipped.csv"))
-    shards = work / "shards"
-    write_shards(str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(shards), str(shards / "shards.json"), config["shards"]["count"])
-    encoder = SpatialEncoder.from_config(config["spatial"])
-    h5s = []
-    for shard in read_shard_list(str(shards / "shards.json")):
-        out = work / "cache" / f"{shard['name']}.h5"
-        precompute_shard(shards / f"{shard['name']}.parquet", shard["fingerprint"], out, work / "cache" / ".partial" / out.name,
-                         config, encoder=encoder, progress=False)
-        h5s.append(out)
-    merge_manifest(h5s, work / "cache" / "manifest.json", work / "cache" / "manifest.parquet")
-    return config
-
-
-def partial_cache(full_manifest: Path, out: Path, drop: list[str]) -> Path:
-    """A copy of the cache whose manifest lacks `drop` (shard files linked, not copied)."""
-    out.mkdir(parents=True)
-    src = full_manifest.parent
-    shutil.copy(full_manifest, out / "manifest.json")
-    table = pd.read_parquet(src / "manifest.parquet")
-    assert set(drop) <= set(table.sample_id)
-    table[~table.sample_id.isin(drop)].to_parquet(out / "manifest.parquet", index=False)
-    for h5 in src.glob("*.h5"):
-        (out / h5.name).symlink_to(h5)
-    return out / "manifest.json"
 
 
 def seen_sample_ids(config: dict) -> list[list[str]]:
@@ -139,7 +102,7 @@ def train(work: Path, name: str, overrides: dict, *args: str, driver_flags: tupl
 @pytest.fixture(scope="module")
 def cache(demo_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("train_faithfulness")
-    config = build_cache(demo_data, work)
+    config = build_cache(base_config(demo_data, work), work)
     return work, config, demo_data
 
 
