@@ -1,6 +1,6 @@
 # Per-stage timing report collected from the files the pipeline's jobs wrote (logic: src/vlnflow/bench).
 # `snakemake --report report.html` embeds the table and the plot (category "Benchmark").
-from vlnflow.bench.inputs import invocation_param, report_inputs
+from vlnflow.bench.inputs import report_inputs
 
 
 report: "../report/workflow.rst"
@@ -14,7 +14,6 @@ rule benchmark_report:
         csv=report(f"{RESULTS}/benchmark/report.csv", caption="../report/table.rst", category="Benchmark"),
         png=report(f"{RESULTS}/benchmark/timing.png", caption="../report/timing.rst", category="Benchmark"),
     params:
-        command=invocation_param(workflow),
         run=config.get("train", {}).get("run"),
         projected_samples=config["benchmark"]["projected_samples"],
         gpus=config["benchmark"]["gpus_for_projection"],

@@ -1,4 +1,5 @@
 """Rule benchmark_report: collect the pipeline's benchmark files into report.md/.csv/timing.png (logic: vlnflow.bench.report)."""
+from vlnflow.bench.inputs import snakemake_command
 from vlnflow.bench.report import ReportInputs, write_report
 from vlnflow.workflow.logs import setup_logging
 
@@ -8,7 +9,7 @@ write_report(
     snakemake.output.md,
     snakemake.output.csv,
     snakemake.output.png,
-    command=snakemake.params.command,
+    command=snakemake_command(),
     run=snakemake.params.run,
     projected_samples=snakemake.params.projected_samples,
     gpus=snakemake.params.gpus,

@@ -7,8 +7,8 @@ Naming these files as inputs makes `snakemake benchmark_report` run the pipeline
 
 from __future__ import annotations
 
+import os
 import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,13 +69,22 @@ def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
     return inputs
 
 
-def invocation_param(workflow) -> Callable:
-    """Params function: the Snakemake command line building the report, written at its top. Only the
-    main process knows it (the rule is a localrule, so the job runs there)."""
-
-    def command(wildcards) -> str:
-        if not workflow.is_main_process:
-            return "unknown (not the main Snakemake process)"
-        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-    return command
+def snakemake_command(pid: int | None = None) -> str:
+    """The command line of the Snakemake process running this job (the report is a localrule, so an
+    ancestor process is `snakemake ...`). Read from /proc at run time rather than passed as a param:
+    a param would differ between `snakemake -n` and the real command and rerun the report every time."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        args = [a.decode(errors="replace") for a in argv]
+        for i, arg in enumerate(args):
+            if Path(arg).name == "snakemake":
+                return shlex.join(["snakemake", *args[i + 1 :]])
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
+        if pid <= 1:
+            break
+    return "unknown (no snakemake process among this job's ancestors)"
