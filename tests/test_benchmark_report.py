@@ -209,3 +209,5 @@ def test_workflow_benchmark_report_and_html(tmp_path):
     run("snakemake", "benchmark_report", "--report", "report.html")
     html = (tmp_path / "report.html").read_text()
     assert "Per-stage timing" in html and "timing.png" in html and "report.csv" in html
+    # Neither `--report` nor a dry run with other flags makes the report stale.
+    assert "Nothing to be done" in run("snakemake", "-n", "benchmark_report").stdout

@@ -141,8 +141,11 @@ class LocalSlurm:
         return proc
 
     def sacct(self) -> list[dict[str, str]]:
-        """Every job allocation this cluster's accounting knows (one dict per job, sacct field names)."""
-        fields = "JobID,JobName,State,NNodes,NodeList,ExitCode,AllocTRES"
+        """Every job allocation this cluster's accounting knows (one dict per job, sacct field names).
+
+        Comment is what the Snakemake executor plugin sets per job: rule_<rule>[_wildcards_<values>].
+        """
+        fields = "JobID,JobName,State,NNodes,NodeList,ExitCode,AllocTRES,Comment"
         out = self.run(["sacct", "-a", "-X", "-P", "-S", "2000-01-01", "-o", fields]).stdout
         return list(csv.DictReader(io.StringIO(out), delimiter="|"))
 
@@ -313,6 +316,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={self.dbd_port}
 AccountingStoragePass={self.munge_socket}
+AccountingStoreFlags=job_comment
 MailProg=/bin/true
 JobCompType=jobcomp/none
 {chr(10).join(node_lines)}
