@@ -42,6 +42,9 @@ NCCL_ENV = {
     "debug": ("NCCL_DEBUG",),
 }
 RDZV_ERROR = re.compile(r"\b(Rendezvous\w*Error|DistStoreError|DistNetworkError)\b")
+# torchrun's "Root Cause (first observed failure)" block: which rank died and how.
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
+ROOT_CAUSE_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)[^(]*(?:\(pid:[^)]*\))?\s*(\(SIG\w+\))?")
 
 
 @dataclass(frozen=True)
@@ -178,15 +181,16 @@ def slurm_resources(cluster: Mapping) -> dict:
 
 
 def describe_failure(node: str, node_rank: int, nnodes: int, endpoint: str, returncode: int,
-                     rdzv_error: str | None, timeout_s: int) -> str:
-    """One line naming the node and what to check, for a torchrun that exited non-zero."""
+                     rdzv_error: str | None, timeout_s: int, root_cause: str | None = None) -> str:
+    """One line naming the node (and the rank torchrun saw die first) and what to check, for a failed torchrun."""
     where = f"node {node} (node rank {node_rank} of {nnodes})"
     if rdzv_error:
         return (f"{where}: rendezvous at {endpoint} failed ({rdzv_error}): not every node joined within "
                 f"{timeout_s} s (cluster.rdzv_timeout_s) or {endpoint} was unreachable; check that all {nnodes} "
                 f"nodes started the same command and can reach {endpoint} (cluster.rdzv_port, MASTER_ADDR, "
                 f"cluster.nccl.socket_ifname)")
-    return f"{where}: torchrun exited with code {returncode}; the failing rank's error is above"
+    died = f"{root_cause}, " if root_cause else ""
+    return f"{where}: {died}torchrun exited with code {returncode}; the failing rank's error is above"
 
 
 # ----------------------------------------------------------------------------- Slurm look-ups
@@ -223,9 +227,10 @@ def slurm_allocation(environ: Mapping[str, str], run: Callable[[list[str]], str]
 
 
 # ----------------------------------------------------------------------------- running
-def run_forwarding_stderr(argv: list[str], env: Mapping[str, str]) -> tuple[int, str | None]:
-    """Run argv; copy its stderr through line by line and return (exit code, first rendezvous error seen)."""
-    rdzv_error = None
+def run_forwarding_stderr(argv: list[str], env: Mapping[str, str]) -> tuple[int, str | None, str | None]:
+    """Run argv; copy its stderr through line by line and return (exit code, first rendezvous error seen,
+    torchrun's root cause as "rank R (local rank L) exited with code C (SIGNAL)" or None)."""
+    rdzv_error, in_root_cause, rank, root_cause = None, False, None, None
     proc = subprocess.Popen(argv, env=dict(env), stderr=subprocess.PIPE, text=True, errors="replace")
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -233,7 +238,13 @@ def run_forwarding_stderr(argv: list[str], env: Mapping[str, str]) -> tuple[int,
         sys.stderr.flush()
         if rdzv_error is None and (match := RDZV_ERROR.search(line)):
             rdzv_error = match.group(1)
-    return proc.wait(), rdzv_error
+        if root_cause is None:
+            in_root_cause = in_root_cause or "Root Cause (first observed failure)" in line
+            if in_root_cause and (match := ROOT_CAUSE_RANK.match(line)):
+                rank = f"rank {match.group(1)} (local rank {match.group(2)})"
+            elif in_root_cause and rank and (match := ROOT_CAUSE_EXIT.match(line)):
+                root_cause = f"{rank} exited with code {match.group(1)}" + (f" {match.group(2)}" if match.group(2) else "")
+    return proc.wait(), rdzv_error, root_cause
 
 
 def visible_gpu_problem(environ: Mapping[str, str], nproc_per_node: int, where: str) -> str | None:
@@ -258,10 +269,11 @@ def run_torchrun(argv: list[str], env: Mapping[str, str], *, node_name: str, nod
         return 2
     env = {**env, "VLNFLOW_NODE_NAME": node_name, "VLNFLOW_NODE_RANK": str(node_rank)}
     print(f"[vlnflow launch] {where}: {shlex.join(argv)}", file=sys.stderr, flush=True)
-    returncode, rdzv_error = run_forwarding_stderr(argv, env)
+    returncode, rdzv_error, root_cause = run_forwarding_stderr(argv, env)
     if returncode != 0:
         print("vlnflow launch: error: " + describe_failure(node_name, node_rank, nnodes, rdzv_endpoint, returncode,
-                                                          rdzv_error, rdzv_timeout_s), file=sys.stderr, flush=True)
+                                                          rdzv_error, rdzv_timeout_s, root_cause),
+              file=sys.stderr, flush=True)
     return returncode
 
 

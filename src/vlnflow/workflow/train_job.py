@@ -28,8 +28,18 @@ def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, us
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
     job = os.environ.get("SLURM_JOB_ID")
-    with open(log_path, "a") as log:  # appended: a resubmitted attempt follows the failed one
-        log.write(f"# train attempt{f' in Slurm job {job}' if job else ''} on {socket.gethostname()}\n")
+    where = f" in Slurm job {job}" if job else ""
+    with open(log_path, "a") as log:
+        log.write(f"# train attempt{where} on {socket.gethostname()}\n")
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+        start = log.tell()
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        # Snakemake deletes the rule log before a retry: repeat the error lines on stderr, which lands in the
+        # failed job's own Slurm log (kept by the executor) and in Snakemake's output.
+        with open(log_path, errors="replace") as log:
+            log.seek(start)
+            errors = [line for line in log if "vlnflow launch: error:" in line or " ERROR vlnflow" in line]
+        sys.stderr.write(f"train failed{where} (exit {code}); full output in {log_path} (a retry replaces it)\n{''.join(errors[-20:])}")
+    return code
