@@ -55,10 +55,8 @@ class WorkflowCopy:
         return proc
 
 
-@pytest.fixture
-def workflow_copy(tmp_path) -> WorkflowCopy:
-    """A fresh copy of Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ under tmp_path/workflow."""
-    dest = tmp_path / "workflow"
+def copy_workflow(dest: Path) -> WorkflowCopy:
+    """Copy Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ into the new folder `dest`."""
     dest.mkdir()
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -67,3 +65,9 @@ def workflow_copy(tmp_path) -> WorkflowCopy:
         elif src.exists():
             shutil.copy2(src, dest / name)
     return WorkflowCopy(dest)
+
+
+@pytest.fixture
+def workflow_copy(tmp_path) -> WorkflowCopy:
+    """A fresh copy of the workflow under tmp_path/workflow."""
+    return copy_workflow(tmp_path / "workflow")

@@ -6,7 +6,6 @@ layer -2, the full block-causal pass, and every layer of the last streamed frame
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlnflow.spatial.aggregator import Aggregator, AggregatorConfig, PRESETS, StreamCache
+from shared_dir import shared_dir
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "vggt_parity"
+FIXTURES = shared_dir() / "fixtures" / "vggt_parity"
 NAMES = ["conv", "dinov2reg"]
 
 

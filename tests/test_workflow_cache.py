@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, WORKFLOW_FILES, WorkflowCopy
+from conftest import REPO, WorkflowCopy, copy_workflow
 from vlnflow.cache import format as fmt
 from vlnflow.config import load_config
 from vlnflow.data.demo import write_episode
@@ -40,15 +40,8 @@ WILDCARD = re.compile(r"^\s*wildcards: .*\bshard=(\w+)")
 @pytest.fixture(scope="module")
 def wf(tmp_path_factory, demo_data) -> WorkflowCopy:
     """One workflow copy for the module with a private copy of the demo episodes, built once."""
-    dest = tmp_path_factory.mktemp("cache_wf") / "workflow"
-    dest.mkdir()
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    copy = WorkflowCopy(dest)
+    copy = copy_workflow(tmp_path_factory.mktemp("cache_wf") / "workflow")
+    dest = copy.path
     copy.root = dest / "data" / "episodes"
     shutil.copytree(demo_data / "episodes", copy.root)
     copy.configure({"dataset": {"root": "data/episodes"}, "shards": {"count": N_SHARDS}, "cache": {"spot_check": 1}})

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, WORKFLOW_FILES, WorkflowCopy
+from conftest import WorkflowCopy, copy_workflow
 from vlnflow.train import dist_check, launch
 from vlnflow.train.trainer import TEST_KILL_ENV
 
@@ -63,17 +62,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def wf(slurm_cluster, tmp_path_factory) -> WorkflowCopy:
     """Workflow copy with a small demo, cluster.nodes 2 x 1 process (gloo), and the test Slurm profile."""
-    dest = tmp_path_factory.mktemp("slurm_train") / "workflow"
-    dest.mkdir()
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
+    copy = copy_workflow(tmp_path_factory.mktemp("slurm_train") / "workflow")
+    dest = copy.path
     subprocess.run([str(Path(sys.executable).parent / "vlnflow"), "demo-data", str(dest / "data" / "demo"),
                     "--episodes", "3", "--size", "64x48"], check=True, capture_output=True, text=True)
-    copy = WorkflowCopy(dest)
     (port,) = free_ports(1)
     copy.configure({
         "dataset": {"root": "data/demo/episodes"},
