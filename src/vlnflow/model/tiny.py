@@ -169,15 +169,7 @@ def tiny_config(tokenizer, sizes: dict[str, Any] | None = None) -> Qwen2_5_VLCon
         "fullatt_block_indexes": list(s["vision_fullatt_blocks"]),
         "tokens_per_second": 2,
     }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-        tie_word_embeddings=False,
-    )
+    return _assemble(text, vision, ids)
 
 
 def qwen7b_config(token_ids: dict[str, int] | None = None) -> Qwen2_5_VLConfig:
@@ -223,6 +215,11 @@ def qwen7b_config(token_ids: dict[str, int] | None = None) -> Qwen2_5_VLConfig:
         "fullatt_block_indexes": [7, 15, 23, 31],
         "tokens_per_second": 2,
     }
+    return _assemble(text, vision, ids)
+
+
+def _assemble(text: dict, vision: dict, ids: dict[str, int]) -> Qwen2_5_VLConfig:
+    """Qwen2_5_VLConfig from text/vision settings and the multimodal special-token ids (untied head)."""
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
