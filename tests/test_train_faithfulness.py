@@ -10,22 +10,15 @@ never constructs VGGT; live samples are counted exactly.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from train_helpers import build_cache, partial_cache
+from train_helpers import Run, build_cache, partial_cache, run_trainer, step_order
 from vlnflow.config import deep_merge
 
-REPO = Path(__file__).resolve().parents[1]
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LOSS_ATOL = 1e-6  # ~2 fp32 ulps of a loss of ~6.3; bf16 rounding of the features moves it by less than one
 GRAD_RTOL = 1e-2  # relative L2 error of a merger gradient (bf16 eps is 2**-8 = 0.4%)
 
@@ -62,41 +55,13 @@ def base_config(demo: Path, work: Path) -> dict:
 
 def seen_sample_ids(config: dict) -> list[list[str]]:
     """Sample ids of each optimizer step of the run (rank 0 of 1, epoch 0), in the trainer's order."""
-    from vlnflow.train.data import micro_batches
-
     t = config["train"]
-    ids = pd.read_parquet(t["samples"]).sample_id.tolist()
-    micro = micro_batches(len(ids), t["per_device_batch"], 1, 0, t["seed"], 0)
-    steps = [sum(micro[s * t["grad_accum"] : (s + 1) * t["grad_accum"]], []) for s in range(t["max_steps"])]
-    return [[ids[i] for i in step] for step in steps]
-
-
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
-        self.proc, self.dir = proc, run_dir
-        self.log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
-        path = run_dir / "metrics.jsonl"
-        self.metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    @property
-    def losses(self) -> list[float]:
-        return [m["loss"] for m in self.metrics]
+    order, per_step = step_order(config), t["per_device_batch"] * t["grad_accum"]
+    return [order[s * per_step : (s + 1) * per_step] for s in range(t["max_steps"])]
 
 
 def train(work: Path, name: str, overrides: dict, *args: str, driver_flags: tuple = ()) -> Run:
-    """Write <work>/<name>.yaml, run the trainer in a subprocess, fail loudly with its output."""
-    config = deep_merge(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
-    config_path = work / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    driver = work / "driver.py"
-    driver.write_text(DRIVER)
-    run_dir = work / "runs" / name
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, str(driver), *driver_flags, "--config", str(config_path), "--run-dir", str(run_dir), *args]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return Run(proc, run_dir)
+    return run_trainer(work, name, overrides, DRIVER, *args, driver_flags=driver_flags)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,14 @@ Training runs in subprocesses (DeepSpeed's distributed state must not leak into 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-import yaml
 
-from train_helpers import build_cache, partial_cache
+from train_helpers import Run, build_cache, partial_cache, run_trainer, step_order
 from vlnflow.config import deep_merge
 
-REPO = Path(__file__).resolve().parents[1]
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CRASH_RC = 17
 LOSS_ATOL = 1e-6  # fp32 on CPU, same data order: a resumed run must reproduce the curve bit for bit (almost)
 PRESET_RTOL = 1e-5  # another ZeRO stage / DeepSpeedCPUAdam instead of torch AdamW: same math, other kernels
@@ -76,50 +68,18 @@ def base_config(demo: Path, work: Path) -> dict:
     }
 
 
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
-        self.proc, self.dir = proc, run_dir
-        self.log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
-        path = run_dir / "metrics.jsonl"
-        self.metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def by_step(self) -> dict[int, dict]:
-        """The last metrics line of each step (a crashed attempt's lines come first)."""
-        return {m["step"]: m for m in self.metrics}
-
-    def checkpoints(self) -> list[str]:
-        ckpt = self.dir / "checkpoints"
-        return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) if ckpt.exists() else []
-
-
 def train(work: Path, name: str, overrides: dict, *args: str, driver_flags: tuple = (), expect_rc: int = 0) -> Run:
-    """Write <work>/<name>.yaml, run the trainer in a subprocess in run dir <work>/runs/<name>."""
-    config = deep_merge(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
-    config_path = work / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    driver = work / "driver.py"
-    driver.write_text(DRIVER)
-    run_dir = work / "runs" / name
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, str(driver), *driver_flags, "--config", str(config_path), "--run-dir", str(run_dir), *args]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == expect_rc, f"{' '.join(cmd)}: rc {proc.returncode}, expected {expect_rc}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return Run(proc, run_dir)
+    return run_trainer(work, name, overrides, DRIVER, *args, driver_flags=driver_flags, expect_rc=expect_rc)
 
 
 @pytest.fixture(scope="module")
 def setup(demo_data, tmp_path_factory):
     """The demo cache plus a copy lacking one sample of step 1 and two of step 3 (so live counters matter)."""
-    from vlnflow.train.data import micro_batches
-
     work = tmp_path_factory.mktemp("train_resume")
     config = build_cache(base_config(demo_data, work), work)
     t = config["train"]
-    ids = pd.read_parquet(t["samples"]).sample_id.tolist()
-    micro = micro_batches(len(ids), t["per_device_batch"], 1, 0, t["seed"], 0)
     per_step = t["per_device_batch"] * t["grad_accum"]
-    order = [ids[i] for batch in micro for i in batch]
+    order = step_order(config)
     missing = [order[0], order[2 * per_step], order[2 * per_step + 1]]  # step 1: 1 live sample, step 3: 2
     manifest = partial_cache(Path(t["cache"]), work / "partial_cache", missing)
     overrides = deep_merge(base_config(demo_data, work), {"train": {"cache": str(manifest)}})

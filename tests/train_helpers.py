@@ -1,13 +1,19 @@
-"""Shared by the training tests: a demo feature cache built in-process, and a cache with holes."""
+"""Shared by the training tests: a demo feature cache built in-process, a cache with holes, and a
+trainer run in a subprocess (DeepSpeed's distributed init would leak state into pytest)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from vlnflow.config import load_config
+from vlnflow.config import deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +56,58 @@ def partial_cache(full_manifest: Path, out: Path, drop: list[str]) -> Path:
     for h5 in full_manifest.parent.glob("*.h5"):
         (out / h5.name).symlink_to(h5)
     return out / "manifest.json"
+
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class Run:
+    """A finished training subprocess: its output, train.log and metrics.jsonl lines."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.proc, self.dir = proc, run_dir
+        self.log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
+        path = run_dir / "metrics.jsonl"
+        self.metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.metrics]
+
+    def by_step(self) -> dict[int, dict]:
+        """The last metrics line of each step (a crashed attempt's lines come first)."""
+        return {m["step"]: m for m in self.metrics}
+
+    def checkpoints(self) -> list[str]:
+        ckpt = self.dir / "checkpoints"
+        return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) if ckpt.exists() else []
+
+
+def run_trainer(work: Path, name: str, overrides: dict, driver: str, *args: str, driver_flags: tuple = (),
+                expect_rc: int = 0) -> Run:
+    """Write <work>/<name>.yaml (config.yaml + overrides) and run `driver` (a script ending in
+    vlnflow.train.run's main) in run dir <work>/runs/<name>; assert its exit code."""
+    config = deep_merge(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
+    config_path = work / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    driver_path = work / f"{name}.driver.py"
+    driver_path.write_text(driver)
+    run_dir = work / "runs" / name
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, str(driver_path), *driver_flags, "--config", str(config_path), "--run-dir", str(run_dir), *args]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == expect_rc, (
+        f"{' '.join(cmd)}: rc {proc.returncode}, expected {expect_rc}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    return Run(proc, run_dir)
+
+
+def step_order(config: dict) -> list[str]:
+    """Sample ids in the order a 1-rank run of `config` consumes them in epoch 0."""
+    from vlnflow.train.data import micro_batches
+
+    t = config["train"]
+    ids = pd.read_parquet(t["samples"]).sample_id.tolist()
+    micro = micro_batches(len(ids), t["per_device_batch"], 1, 0, t["seed"], 0)
+    return [ids[i] for batch in micro for i in batch]
