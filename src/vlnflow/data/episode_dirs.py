@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from vlnflow.data.fingerprint import stats_digest
+from vlnflow.data.fingerprint import file_stats, stats_digest
 from vlnflow.data.prompts import Targets
 from vlnflow.data.records import Episode
 from vlnflow.data.vocabulary import canonical_action, parse_step_filename
@@ -96,38 +96,32 @@ def read_episode_dir(root: str, name: str) -> Episode:
     directory = os.path.join(root, name)
     images: dict[int, tuple[str, str]] = {}  # idx -> (file name, action)
     step_jsons: dict[str, str] = {}  # stem -> file name
-    stats = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
-            st = entry.stat()
-            stats.append((entry.name, st.st_size, st.st_mtime_ns))
-            parsed = parse_step_filename(entry.name)
-            if parsed is None:
-                continue
-            idx, raw_action, ext = parsed
-            if ext == "json":
-                step_jsons[entry.name[: -len(".json")]] = entry.name
-                continue
-            try:
-                action = canonical_action(raw_action)
-            except ValueError:
-                path = os.path.join(directory, entry.name)
-                raise DatasetError(
-                    f"episode {name}: unknown action {raw_action!r} in frame file {path} "
-                    "(expected MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP)",
-                    episode=name,
-                    path=path,
-                ) from None
-            if idx in images:
-                raise DatasetError(
-                    f"episode {name}: two frames with step index {idx}: {images[idx][0]} and {entry.name}",
-                    episode=name,
-                    path=directory,
-                )
-            images[idx] = (entry.name, action)
-    stats.sort()
+    stats = file_stats(directory)  # one directory scan gives the fingerprint and the file names
+    for fname, _, _ in stats:
+        parsed = parse_step_filename(fname)
+        if parsed is None:
+            continue
+        idx, raw_action, ext = parsed
+        if ext == "json":
+            step_jsons[fname[: -len(".json")]] = fname
+            continue
+        try:
+            action = canonical_action(raw_action)
+        except ValueError:
+            path = os.path.join(directory, fname)
+            raise DatasetError(
+                f"episode {name}: unknown action {raw_action!r} in frame file {path} "
+                "(expected MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP)",
+                episode=name,
+                path=path,
+            ) from None
+        if idx in images:
+            raise DatasetError(
+                f"episode {name}: two frames with step index {idx}: {images[idx][0]} and {fname}",
+                episode=name,
+                path=directory,
+            )
+        images[idx] = (fname, action)
 
     image_stems = {os.path.splitext(fname)[0] for fname, _ in images.values()}
     for stem, json_name in sorted(step_jsons.items()):
