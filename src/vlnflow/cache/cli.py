@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlnflow.cache.estimate import VGGT_CHANNELS, estimate
+from vlnflow.cache.estimate import estimate
 from vlnflow.config import load_config
 from vlnflow.errors import UserError
 
@@ -35,7 +35,9 @@ def run_estimate(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         samples = pq.ParquetFile(index).metadata.num_rows
-    sp = config["spatial"]
-    est = estimate(samples, sp["image_size"], VGGT_CHANNELS[sp["preset"]], config["cache"]["dtype"], config["shards"]["count"], args.samples_per_s)
+    from vlnflow.spatial.fingerprint import spatial_output
+
+    grid, channels = spatial_output(config["spatial"])
+    est = estimate(samples, grid, channels, config["cache"]["dtype"], config["shards"]["count"], args.samples_per_s)
     print("\n".join(est.lines()))
     return 0

@@ -6,12 +6,6 @@ from dataclasses import dataclass
 
 from vlnflow.cache.format import BYTES_PER_VALUE
 
-PATCH = 14
-VGGT_CHANNELS = {"tiny": 64, "vggt-1b": 2048}
-
-# Measured batched block-causal encoder throughput on one H100 (docs/benchmarks.md, issue 3).
-# Used only when no --samples-per-s is given; the estimate prints which figure it used.
-DEFAULT_SAMPLES_PER_S = {"vggt-1b": None, "tiny": None}
 
 
 @dataclass
@@ -41,8 +35,8 @@ class CacheEstimate:
         return out
 
 
-def estimate(samples: int, image_size: int, channels: int, dtype: str, shards: int, samples_per_s: float | None) -> CacheEstimate:
-    grid = image_size // PATCH
-    per_sample = grid * grid * channels * BYTES_PER_VALUE[dtype]
+def estimate(samples: int, grid: tuple[int, int], channels: int, dtype: str, shards: int, samples_per_s: float | None) -> CacheEstimate:
+    """Sizes from the feature map shape ((grid_h, grid_w), channels) that precompute will store."""
+    per_sample = grid[0] * grid[1] * channels * BYTES_PER_VALUE[dtype]
     hours = samples / samples_per_s / 3600 if samples_per_s else None
-    return CacheEstimate(samples, (grid * grid, channels), dtype, shards, per_sample, per_sample * samples, shards + 2, samples_per_s, hours)
+    return CacheEstimate(samples, (grid[0] * grid[1], channels), dtype, shards, per_sample, per_sample * samples, shards + 2, samples_per_s, hours)
