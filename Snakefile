@@ -1,5 +1,5 @@
 # vlnflow workflow: index -> shard -> precompute -> manifest -> validate -> train -> report.
-# The map is ../shared/DESIGN.md (mirrored in README.md); logic lives in src/vlnflow.
+# The map is docs/design.md (data flow, file formats, invariants); logic lives in src/vlnflow.
 from snakemake.utils import min_version
 
 min_version("9.0")

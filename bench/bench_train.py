@@ -12,7 +12,7 @@ One run does everything on one machine, so every ratio compares like with like:
     PYTHONPATH=src python3 bench/bench_train.py --tiny --gpus 1 --steps 2 --out /tmp/bt   # CPU smoke test
 
 MFU counts model FLOPs without the checkpoint recompute (bench/ FLOP formulas from
-../shared/QWEN_GPU_REFERENCE.md): LLM 6*N*T + causal attention 3*2*L*T^2*d + label head,
+docs/design.md, "Measured facts"): LLM 6*N*T + causal attention 3*2*L*T^2*d + label head,
 frozen vision forward, merger fwd+bwd.
 """
 

@@ -1,6 +1,6 @@
-# Per-stage timing report collected from the files the pipeline's jobs wrote (logic: src/vlnflow/bench).
+# Per-stage timing report collected from the files the pipeline's jobs wrote (logic: src/vlnflow/report).
 # `snakemake --report report.html` embeds the table and the plot (category "Benchmark").
-from vlnflow.bench.inputs import report_inputs
+from vlnflow.report.inputs import report_inputs
 
 
 report: "../report/workflow.rst"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vlnflow.bench.report import ReportInputs, live_comparison, load_runs, projection, stage_table, write_report
-from vlnflow.bench.sources import read_benchmark
+from vlnflow.report.report import ReportInputs, live_comparison, load_runs, projection, stage_table, write_report
+from vlnflow.report.sources import read_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"

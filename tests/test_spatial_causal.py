@@ -1,6 +1,8 @@
 """One block-causal pass equals frame-by-frame streaming; encode_indexed equals encode; frame order."""
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -9,9 +11,8 @@ from vlnflow.spatial import SpatialEncoder
 from vlnflow.spatial.aggregator import AggregatorConfig, StreamCache
 from vlnflow.spatial.attention import block_causal_attention
 from vlnflow.spatial.init import build_aggregator, init_random_
-from shared_dir import shared_dir
 
-FIXTURES = shared_dir() / "fixtures" / "vggt_parity"
+FIXTURES = Path(__file__).parent / "fixtures" / "vggt_parity"
 
 CONFIGS = {
     "dinov2": AggregatorConfig(embed_dim=32, depth=3, num_heads=2, dino_depth=2, dino_heads=2, dino_pos_grid=5),

@@ -1,4 +1,4 @@
-"""Our aggregator against outputs of the JanusVLN-vendored VGGT code (../shared/fixtures/vggt_parity).
+"""Our aggregator against outputs of the JanusVLN-vendored VGGT code (tests/fixtures/vggt_parity).
 
 Both fixtures (plain conv patch embed; tiny DINOv2-with-registers) are loaded with
 strict key checking, then every stored output is reproduced: streaming per-frame
@@ -7,21 +7,22 @@ layer -2, the full block-causal pass, and every layer of the last streamed frame
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlnflow.spatial.aggregator import Aggregator, AggregatorConfig, PRESETS, StreamCache
-from shared_dir import shared_dir
 
-FIXTURES = shared_dir() / "fixtures" / "vggt_parity"
+FIXTURES = Path(__file__).parent / "fixtures" / "vggt_parity"
 NAMES = ["conv", "dinov2reg"]
 
 
 def load_fixture(name):
     path = FIXTURES / f"vggt_parity_{name}.safetensors"
-    assert path.is_file(), f"parity fixture missing: {path} (CI keeps a copy of shared/ beside the clone)"
+    assert path.is_file(), f"parity fixture missing: {path}"
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()

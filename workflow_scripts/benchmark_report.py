@@ -1,6 +1,6 @@
-"""Rule benchmark_report: collect the pipeline's benchmark files into report.md/.csv/timing.png (logic: vlnflow.bench.report)."""
-from vlnflow.bench.inputs import snakemake_command
-from vlnflow.bench.report import ReportInputs, write_report
+"""Rule benchmark_report: collect the pipeline's benchmark files into report.md/.csv/timing.png (logic: vlnflow.report.report)."""
+from vlnflow.report.inputs import snakemake_command
+from vlnflow.report.report import ReportInputs, write_report
 from vlnflow.workflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])

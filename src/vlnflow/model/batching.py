@@ -4,7 +4,7 @@ Samples are PACKED into a single row (no padding, no attention mask): the model 
 per-sample boundaries (`cu_seqlens`) and restarts positions at every sample, so
 attention never crosses samples (exact with transformers' sdpa packed mask and with
 the varlen attention of `packed_attention`). Padding would force a dense mask on
-SDPA, measured slower per sample than batch 1 (../shared/QWEN_GPU_REFERENCE.md).
+SDPA, measured slower per sample than batch 1 (docs/design.md, "Measured facts").
 
 Batch keys (tensors on CPU; the trainer moves them):
   input_ids [1, T], labels [1, T] (-100 off the answers), mm_token_type_ids [1, T]

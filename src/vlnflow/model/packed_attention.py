@@ -3,7 +3,7 @@
 transformers 5.24's Qwen2.5-VL already packs exactly with `sdpa` when given 4-row
 position_ids (row 0 = per-sample text positions restarting at 0): it builds a
 block-diagonal causal mask. But a dense mask keeps SDPA off its fast causal kernels
-(measured 4.7x slower LLM attention, ../shared/QWEN_GPU_REFERENCE.md). This registers
+(measured 4.7x slower LLM attention, docs/design.md "Measured facts"). This registers
 an attention implementation that takes the per-sample boundaries as `cu_seq_lens_q`
 and runs one causal varlen call per layer (flash on CUDA, exact SDPA fallback
 elsewhere). Select it with `use_packed_attention(model)`.

@@ -173,7 +173,7 @@ def tiny_config(tokenizer, sizes: dict[str, Any] | None = None) -> Qwen2_5_VLCon
 
 
 def qwen7b_config(token_ids: dict[str, int] | None = None) -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL-7B-Instruct's architecture (values as in ../shared/QWEN_GPU_REFERENCE.md), for random init.
+    """Qwen2.5-VL-7B-Instruct's architecture (values as in its config.json; docs/design.md), for random init.
 
     `token_ids` (from `special_token_ids`) replaces the real special ids, so a random 7B can be
     fed by the tiny tokenizer; the vocabulary stays 152064.

@@ -1,6 +1,6 @@
 """Two same-function speed fixes for transformers' Qwen2.5-VL vision tower (no fork).
 
-Measured on one H100 (../shared/QWEN_GPU_REFERENCE.md): without flash_attn the stock
+Measured on one H100 (docs/design.md, "Measured facts"): without flash_attn the stock
 tower loops over windows with one SDPA call each (~9,100 launches per 9-image sample,
 host-bound), and its 3420-wide MLP is not a multiple of 8 bf16 elements, so cuBLAS
 picks a slow align-2 kernel. Here:

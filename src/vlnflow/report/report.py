@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlnflow.bench import sources
+from vlnflow.report import sources
 from vlnflow.errors import UserError
 
 STAGES = ("index", "shard", "precompute", "manifest", "validate", "train")
@@ -259,7 +259,7 @@ def write_report(
     host: dict | None = None,
 ) -> pd.DataFrame:
     """Collect, then write report.md, report.csv and timing.png; returns the stage table."""
-    from vlnflow.bench.plot import plot_timing
+    from vlnflow.report.plot import plot_timing
 
     runs = load_runs(inputs)
     table = stage_table(inputs, runs)

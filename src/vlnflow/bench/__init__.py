@@ -1,1 +1,0 @@
-"""vlnflow.bench."""
