@@ -37,8 +37,9 @@ def _run(cmd: list[str], clone: Path, timeout: int = 600) -> subprocess.Complete
 
 
 def test_clone_names_no_path_outside_itself(lone_clone):
-    found = subprocess.run(["git", "grep", "-n", r"\.\./shared"], cwd=lone_clone, capture_output=True, text=True)
-    assert found.returncode == 1 and not found.stdout, f"the repository names ../shared:\n{found.stdout}"
+    outside = ".." + "/shared"  # spelt in two parts, so this file does not match itself
+    found = subprocess.run(["git", "grep", "-n", "-F", outside], cwd=lone_clone, capture_output=True, text=True)
+    assert found.returncode == 1 and not found.stdout, f"the repository names a folder beside itself:\n{found.stdout}"
 
 
 @pytest.mark.slow
@@ -52,4 +53,4 @@ def test_parity_tests_pass_in_a_lone_clone(lone_clone):
 @pytest.mark.slow
 def test_workflow_plans_in_a_lone_clone(lone_clone):
     proc = _run([str(BIN / "snakemake"), "-n", "-c", "1", "all"], lone_clone)
-    assert "This was a dry-run" in proc.stdout and "precompute" in proc.stdout.lower(), proc.stdout[-2000:]
+    assert "This was a dry-run" in proc.stdout and "validate_cache" in proc.stdout, proc.stdout[-2000:]
