@@ -28,8 +28,8 @@ MARKER = "vlnflow_export.json"
 RUN_CONFIG = "run_config.json"  # written into the run dir by vlnflow.train.run
 
 
-def run_config(run_dir: Path, fallback: str | Path | None) -> dict:
-    """The run's resolved config (run_dir/run_config.json), else `fallback` (a config.yaml) validated."""
+def run_config(run_dir: Path, fallback: str | Path | dict | None) -> dict:
+    """The run's resolved config (run_dir/run_config.json), else `fallback` (a config.yaml path or dict) validated."""
     from vlnflow.config import load_config, validate_config
 
     saved = Path(run_dir) / RUN_CONFIG
@@ -37,7 +37,7 @@ def run_config(run_dir: Path, fallback: str | Path | None) -> dict:
         return validate_config(json.loads(saved.read_text()))
     if fallback is None:
         raise UserError(f"{run_dir}: no {RUN_CONFIG}; pass the run's config with --config")
-    return load_config(fallback)
+    return validate_config(dict(fallback)) if isinstance(fallback, dict) else load_config(fallback)
 
 
 def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen_from: str) -> dict:
@@ -57,6 +57,7 @@ def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen
         "spatial_grid": list(grid),
         "spatial_channels": channels,
         "prompt_style": config["dataset"].get("prompt_style", "auto"),
+        "dataset_root": str(config["dataset"]["root"]),
         "source": {"run_dir": str(run_dir), "step": step, "frozen_from": frozen_from},
     }
 
@@ -68,7 +69,7 @@ def export_run(
     step: int | None = None,
     layout: str = "hf",
     dtype: str = "bfloat16",
-    config_path: str | Path | None = None,
+    config_path: str | Path | dict | None = None,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Export run_dir's checkpoint (newest complete one, or `step`) to `out` in `layout`; returns `out`."""

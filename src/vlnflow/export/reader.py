@@ -71,17 +71,25 @@ def open_model_dir(path: str | Path, verify_digests: bool = True) -> ModelDir:
 def load_qwen_from_dir(model_dir: ModelDir, dtype: torch.dtype, device=None):
     """Qwen2_5_VLForConditionalGeneration (sdpa) from the directory; every Qwen tensor must be present."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_dir.path, local_files_only=True, dtype=dtype, attn_implementation="sdpa", output_loading_info=True,
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists merger.* / vggt.* as unexpected: checked below instead
+    try:
+        placement = {"device_map": {"": str(torch.device(device))}} if device is not None else {}
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_dir.path, local_files_only=True, dtype=dtype, attn_implementation="sdpa", output_loading_info=True,
+            **placement,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise ExportError(f"{model_dir.path}: {len(missing)} Qwen2.5-VL tensors missing, e.g. {sorted(missing)[0]!r}")
     foreign = [k for k in info.get("unexpected_keys", []) if not k.startswith((MERGER_PREFIX, "vggt."))]
     if foreign:
         raise ExportError(f"{model_dir.path}: unexpected tensors, e.g. {sorted(foreign)[0]!r}")
-    return model.to(device) if device is not None else model
+    return model
 
 
 def merger_state(model_dir: ModelDir) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -92,12 +93,18 @@ def check_shards(directory: Path, verify_digests: bool = True) -> dict[str, str]
     by_file: dict[str, set[str]] = {}
     for name, filename in weight_map.items():
         by_file.setdefault(filename, set()).add(name)
+    for filename in sorted(by_file):
+        if not (directory / filename).is_file():
+            raise ExportError(f"{directory}: shard {filename} named in {INDEX} is missing")
+    if verify_digests:
+        recorded = sorted(f for f in by_file if f in digests)
+        with ThreadPoolExecutor(max_workers=min(8, len(recorded) or 1)) as pool:  # hashlib releases the GIL
+            actual = dict(zip(recorded, pool.map(lambda f: file_sha256(directory / f), recorded)))
+        for filename in recorded:
+            if actual[filename] != digests[filename]:
+                raise ExportError(f"shard {directory / filename} is corrupt: its sha256 differs from the one recorded in {INDEX}")
     for filename, names in sorted(by_file.items()):
         path = directory / filename
-        if not path.is_file():
-            raise ExportError(f"{directory}: shard {filename} named in {INDEX} is missing")
-        if verify_digests and filename in digests and file_sha256(path) != digests[filename]:
-            raise ExportError(f"shard {path} is corrupt: its sha256 differs from the one recorded in {INDEX}")
         present = set(tensor_names(path))
         _check_readable(path)
         if names - present:
