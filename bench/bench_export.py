@@ -95,6 +95,7 @@ def save_checkpoint(config: dict, run_dir: Path, results: dict) -> None:
     results["trainable_params"] = sum(p.numel() for p in params)
     results["total_params"] = sum(p.numel() for p in model.parameters())
     ds_config = build_ds_config({**config["train"], "bf16": cuda}, 1, cpu=not cuda)
+    ds_config["zero_allow_untested_optimizer"] = True  # plain SGD: no moments to store (consolidation never reads them)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                       optimizer=torch.optim.SGD(params, lr=0.0))
     run_dir.mkdir(parents=True, exist_ok=True)
