@@ -329,24 +329,30 @@ def test_export_refuses_a_missing_step_and_an_incomplete_checkpoint(trained, tmp
     with pytest.raises(UserError, match="no complete checkpoint"):
         export_run(half, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a vlnflow export: refusing to replace it"):
+        export_run(run_dir, busy)
+    assert (busy / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
 def test_snakemake_export_rule_writes_results_export_and_predict_reads_it(demo_data, workflow_copy):
-    """The workflow's export rule after train (live VGGT, 2 steps): results/export/<run> is a complete export."""
+    """The workflow's export rule after train (live VGGT, 1 step): results/export/<run> is a complete export."""
     import subprocess
     import sys
 
     workflow_copy.configure({
         "dataset": {"root": str(demo_data / "episodes")},
-        "train": {"cache": None, "max_steps": 2, "save_every": 2, "per_device_batch": 2, "grad_accum": 1},
+        "train": {"cache": None, "max_steps": 1, "save_every": 1, "per_device_batch": 2, "grad_accum": 1},
     })
     workflow_copy.snakemake("export", cores=2)
     out = workflow_copy.path / "results" / "export" / "demo"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "preprocessor_config.json"} <= names
     assert any(n.startswith("model-") and n.endswith(".safetensors") for n in names)
-    assert json.loads((out / "vlnflow_export.json").read_text())["step"] == 2
+    assert json.loads((out / "vlnflow_export.json").read_text())["step"] == 1
     proc = subprocess.run([str(Path(sys.executable).parent / "vlnflow"), "predict", "--model", str(out), "--n", "2",
                            "--max-new-tokens", "4"], cwd=workflow_copy.path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

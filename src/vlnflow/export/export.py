@@ -80,6 +80,8 @@ def export_run(
     if dtype not in DTYPES:
         raise UserError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"export output {out} exists and is not a vlnflow export: refusing to replace it")
     config = run_config(run_dir, config_path)
     model_cfg = resolve_model_config(config)
     torch_dtype = DTYPES[dtype]
