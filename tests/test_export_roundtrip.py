@@ -84,6 +84,7 @@ def trained(demo_data, tmp_path_factory):
         },
     }
     build_cache(overrides, work)
+    (work / "overrides.json").write_text(json.dumps(overrides))
     run = run_trainer(work, "run", overrides, DRIVER)
     config = load_config(work / "run.yaml")
     reference = {"logits": load_file(str(run.dir / "reference.safetensors"))["logits"],
@@ -357,3 +358,20 @@ def test_snakemake_export_rule_writes_results_export_and_predict_reads_it(demo_d
                            "--max-new-tokens", "4"], cwd=workflow_copy.path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^action accuracy: \d+/2 = ", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_exports_the_same_weights_as_zero2(trained, exports):
+    """ZeRO-3 partitions every parameter; DeepSpeed's consolidation gathers them: same model as the zero2 run."""
+    from vlnflow.export.shards import iter_tensors, weight_files
+
+    work, _, _, _ = trained
+    overrides = deep_merge(json.loads((work / "overrides.json").read_text()), {"train": {"deepspeed": "zero3"}})
+    run = run_trainer(work, "run_zero3", overrides, "import sys\nfrom vlnflow.train.run import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = work / "export_zero3"
+    assert cli(["export", str(run.dir), str(out), "--dtype", "float32"]) == 0
+    got = dict(iter_tensors(out, weight_files(out)))
+    want = dict(iter_tensors(exports["hf"], weight_files(exports["hf"])))
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.allclose(got[name], tensor, rtol=1e-3, atol=1e-4), name
