@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlnflow.export.names import MERGER_PREFIX, VGGT_PREFIX
-from vlnflow.export.shards import ExportError, check_shards, iter_tensors
+from vlnflow.export.shards import INDEX, ExportError, check_shards, iter_tensors
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,23 @@ class ModelDir:
         return any(k.startswith(prefix) for k in self.weight_map)
 
 
+_OPENED: dict[tuple, ModelDir] = {}
+
+
 def open_model_dir(path: str | Path, verify_digests: bool = True) -> ModelDir:
+    """Check and describe a model directory; a directory already checked (same files, same mtimes) is not re-hashed."""
     path = Path(path)
+    key = (str(path.resolve()), verify_digests, *(_mtime(path / n) for n in ("config.json", INDEX)))
+    if key not in _OPENED:
+        _OPENED[key] = _open(path, verify_digests)
+    return _OPENED[key]
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+def _open(path: Path, verify_digests: bool) -> ModelDir:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ExportError(f"{path}: no config.json (not an exported model or JanusVLN checkpoint directory)")

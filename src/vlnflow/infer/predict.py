@@ -26,7 +26,6 @@ from vlnflow.data.prompts import parse_answer
 from vlnflow.data.vocabulary import canonical_action
 from vlnflow.errors import UserError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

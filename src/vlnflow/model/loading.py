@@ -152,7 +152,7 @@ def _tiny_sizes(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _init_dir(model_cfg: Mapping[str, Any]):
-    """The checked model directory of `model.init_from` (shards verified once per process and path)."""
+    """The checked model directory of `model.init_from` (the reader checks each directory once per process)."""
     from vlnflow.export.reader import open_model_dir
 
     path = Path(model_cfg["init_from"])
@@ -160,14 +160,7 @@ def _init_dir(model_cfg: Mapping[str, Any]):
         raise ConfigError("config settings 'model.init_from' and 'model.qwen_path' are both set: keep one")
     if not path.is_dir():
         raise ConfigError(f"config setting 'model.init_from': directory not found: {path}")
-    index = path / "model.safetensors.index.json"
-    key = f"{path.resolve()}|{index.stat().st_mtime_ns if index.exists() else 0}"
-    if key not in _INIT_DIRS:
-        _INIT_DIRS[key] = open_model_dir(path)
-    return _INIT_DIRS[key]
-
-
-_INIT_DIRS: dict[str, Any] = {}
+    return open_model_dir(path)
 
 
 def _processors_from_init_dir(model_cfg: Mapping[str, Any]):
