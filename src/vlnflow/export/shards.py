@@ -37,9 +37,14 @@ def write_shards(state: Mapping[str, torch.Tensor], out: Path, max_shard_size: i
     groups = split.filename_to_tensors
     if not split.is_sharded:  # one shard: keep the sharded naming so the layout never changes with size
         groups = {"model-00001-of-00001.safetensors": next(iter(groups.values()))}
-    weight_map, digests, total = {}, {}, 0
+    weight_map, digests, total, seen = {}, {}, 0, set()
     for filename, names in groups.items():
-        tensors = {n: state[n].contiguous() for n in names}
+        tensors = {}
+        for n in names:  # safetensors refuses tensors sharing memory (tied embeddings): store a copy
+            tensor = state[n].contiguous()
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            tensors[n] = tensor.clone() if key in seen else tensor
+            seen.add(key)
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         digests[filename] = file_sha256(out / filename)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
