@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 
-def config_dict(qwen_config, extras: dict, dtype: torch.dtype) -> dict:
-    """The config.json content: the Qwen2.5-VL config with `extras` added at the top level."""
+def hf_config(qwen_config, extras: dict, dtype: torch.dtype):
+    """A copy of the Qwen2_5_VLConfig with `extras` as top-level fields (written as config.json)."""
     config = copy.deepcopy(qwen_config)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     for key, value in extras.items():
@@ -25,4 +25,4 @@ def config_dict(qwen_config, extras: dict, dtype: torch.dtype) -> dict:
 
 
 def write_config(qwen_config, extras: dict, dtype: torch.dtype, out: Path) -> None:
-    config_dict(qwen_config, extras, dtype).save_pretrained(str(out))
+    hf_config(qwen_config, extras, dtype).save_pretrained(str(out))
