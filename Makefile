@@ -21,7 +21,9 @@ $(DEMO_DATA)/.complete: $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/.complete
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -c 2 all
+	$(BIN)/vlnflow predict --model results/export/demo --samples results/index/samples.parquet --n 5 --max-new-tokens 32
 	@echo "benchmark report: $(abspath results/benchmark/report.md) (table: report.csv, plot: timing.png)"
+	@echo "exported model: $(abspath results/export/demo) (vlnflow predict --model results/export/demo)"
 
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)

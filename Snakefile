@@ -12,6 +12,7 @@ include: "rules/common.smk"
 include: "rules/dataset.smk"
 include: "rules/precompute.smk"
 include: "rules/train.smk"
+include: "rules/export.smk"
 include: "rules/benchmark.smk"
 
 
@@ -19,5 +20,6 @@ rule all:
     input:
         "results/cache/validation.json",
         rules.train.output.metrics,
+        rules.export.output,
         rules.benchmark_report.output,
     default_target: True

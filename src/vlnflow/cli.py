@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES = [
     "vlnflow.train.launch",
     "vlnflow.cache.cli",
     "vlnflow.monitor.cli",
+    "vlnflow.export.cli",
+    "vlnflow.infer.predict",
 ]
 
 

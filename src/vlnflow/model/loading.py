@@ -3,6 +3,8 @@
 `model.qwen_path` set: Qwen2.5-VL weights, tokenizer and processor from that local
 directory (never the network). Unset: random init, `model.preset` tiny (demo, tests)
 or qwen2.5-vl-7b (the real shape, for GPU benchmarks), with the tokenizer built by code.
+`model.init_from` set: the whole model (Qwen + merger), tokenizer and processor from a
+`vlnflow export` directory or a JanusVLN checkpoint (vlnflow.export.reader).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def compute_dtype(model_cfg: Mapping[str, Any], device: torch.device | str | Non
 
 def load_processors(model_cfg: Mapping[str, Any]):
     """(tokenizer, image processor pinned to model.image_size) for the configured Qwen."""
+    if model_cfg.get("init_from"):
+        return _processors_from_init_dir(model_cfg)
     path = _qwen_dir(model_cfg)
     if path is None:
         tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
@@ -62,6 +66,8 @@ def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, 
     """Qwen2_5_VLForConditionalGeneration with sdpa attention, from qwen_path or random per preset."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    if model_cfg.get("init_from"):
+        return _qwen_from_init_dir(model_cfg, dtype, device)
     path = _qwen_dir(model_cfg)
     if path is not None:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -105,6 +111,8 @@ def build_model(
 
 
 def _build_merger(model_cfg: Mapping[str, Any], channels: int, out_dim: int) -> SpatialMerger:
+    if model_cfg.get("init_from"):
+        return _merger_from_init_dir(model_cfg, channels, out_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(model_cfg.get("seed", 0)) + 1)
         merger = SpatialMerger(channels, int(model_cfg.get("merger_hidden", 4096)), out_dim)
@@ -138,3 +146,57 @@ def _tiny_sizes(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     from vlnflow.model.tiny import TINY_DEFAULTS
 
     return {**TINY_DEFAULTS, **(model_cfg.get("tiny") or {})}
+
+
+# ---- model.init_from: a vlnflow export or a JanusVLN checkpoint directory ----------------------
+
+
+def _init_dir(model_cfg: Mapping[str, Any]):
+    """The checked model directory of `model.init_from` (the reader checks each directory once per process)."""
+    from vlnflow.export.reader import open_model_dir
+
+    path = Path(model_cfg["init_from"])
+    if model_cfg.get("qwen_path"):
+        raise ConfigError("config settings 'model.init_from' and 'model.qwen_path' are both set: keep one")
+    if not path.is_dir():
+        raise ConfigError(f"config setting 'model.init_from': directory not found: {path}")
+    return open_model_dir(path)
+
+
+def _processors_from_init_dir(model_cfg: Mapping[str, Any]):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = _init_dir(model_cfg).path
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    base = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    return tokenizer, build_image_processor(int(model_cfg["image_size"]), base=base)
+
+
+def _qwen_from_init_dir(model_cfg: Mapping[str, Any], dtype: torch.dtype, device):
+    from vlnflow.export.reader import load_qwen_from_dir
+
+    return load_qwen_from_dir(_init_dir(model_cfg), dtype, device)
+
+
+def _merger_from_init_dir(model_cfg: Mapping[str, Any], channels: int, out_dim: int) -> SpatialMerger:
+    """The directory's `merger.*` as a SpatialMerger; its width comes from the weights, not model.merger_hidden."""
+    from vlnflow.export.reader import merger_state
+
+    model_dir = _init_dir(model_cfg)
+    state = merger_state(model_dir)
+    if "mlp.0.weight" not in state or "ln_q.weight" not in state:
+        raise ConfigError(f"config setting 'model.init_from': {model_dir.path} has no merger.ln_q / merger.mlp.0 weights")
+    if state["ln_q.weight"].shape[0] != channels:
+        raise ConfigError(
+            f"config setting 'model.init_from': the merger in {model_dir.path} takes {state['ln_q.weight'].shape[0]} "
+            f"spatial channels, the configured VGGT gives {channels}"
+        )
+    with torch.device("meta"):
+        merger = SpatialMerger(channels, int(state["mlp.0.weight"].shape[0]), out_dim)
+    merger = merger.to_empty(device="cpu")
+    try:
+        merger.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"config setting 'model.init_from': {model_dir.path} merger does not fit: {exc}") from exc
+    return merger

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
     try:
         config = load_config(args.config, overrides)
+        if rank == "0":  # the resolved settings, so `vlnflow export` rebuilds the same model without the yaml
+            (run_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         from vlnflow.train.trainer import train
 
         summary = train(config, run_dir, use_cache=not args.no_cache, max_steps=args.max_steps)

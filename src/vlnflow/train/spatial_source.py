@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 class SpatialSource:
     """features(row) -> [P, C] tensor; counts cached and live samples."""
 
-    def __init__(self, config: dict, manifest: str | Path | None, *, expected_fingerprint: str, allow_mismatch: bool = False):
+    def __init__(self, config: dict, manifest: str | Path | None, *, expected_fingerprint: str, allow_mismatch: bool = False,
+                 encoder=None):
+        """`encoder`: a ready SpatialEncoder to use for live samples (default: built from config['spatial'] on first use)."""
         self.config = config
         self.store = None
         self.cached = 0
         self.live = 0
-        self._encoder = None
+        self._encoder = encoder
         if manifest is not None and not Path(manifest).exists():
             raise UserError(
                 f"train.cache is {manifest}, which does not exist: run `snakemake precompute_all` first, "

@@ -1,0 +1,187 @@
+"""`vlnflow predict --model OUT --samples samples.parquet`: the exported model's answers next to the labels.
+
+The model is rebuilt by the training code from the export (`model.init_from`), the
+spatial features come from a feature cache (`--cache manifest.json`, refused when its
+encoder fingerprint differs from the export's) or are computed live by the export's
+VGGT settings (weights: the export's `vggt.aggregator.*` when it has them, else
+`spatial.weights` / the seeded init it records), and each sample's prompt is built by
+the training Collator. The answer is decoded greedily; its ACTION (the bare action, or
+the ACTION line of a structured answer) is compared with the label's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from vlnflow.data.prompts import parse_answer
+from vlnflow.data.vocabulary import canonical_action
+from vlnflow.errors import UserError
+
+
+
+@dataclass
+class Prediction:
+    sample_id: str
+    answer: str
+    label: str
+    action: str | None
+    label_action: str | None
+    correct: bool
+    spatial: str  # cached | live
+    seconds: float
+
+
+def answer_action(text: str) -> str | None:
+    """The canonical action of an answer (bare or structured), None when it names none."""
+    raw = parse_answer(text)[0]
+    try:
+        return canonical_action(raw)
+    except ValueError:
+        return None
+
+
+class Predictor:
+    """A model ready to answer samples: the model, its tokenizer, the training Collator and a spatial source.
+
+    `Predictor.from_export(dir)` builds one from a `vlnflow export`; the constructor takes the
+    parts, so a model still in memory (the training engine's module) answers the same way.
+    """
+
+    def __init__(self, model, tokenizer, collator, source, spatial_image_size: int, max_new_tokens: int = 128):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.collator = collator
+        self.source = source
+        self.root = collator.root
+        self.spatial_image_size = int(spatial_image_size)
+        self.max_new_tokens = max_new_tokens
+        self.device = next(model.parameters()).device
+        self.stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(tokenizer.eos_token_id)
+
+    @classmethod
+    def from_export(cls, model_dir: str | Path, *, device: str | None = None, cache: str | Path | None = None,
+                    dataset_root: str | Path | None = None, max_new_tokens: int = 128) -> Predictor:
+        from vlnflow.export.reader import open_model_dir, vggt_state
+        from vlnflow.model.batching import Collator
+        from vlnflow.model.loading import build_model, load_processors
+        from vlnflow.train.spatial_source import SpatialSource
+
+        exported = open_model_dir(model_dir)
+        settings = exported.settings
+        if not settings:
+            raise UserError(f"{model_dir}: not a vlnflow export (config.json has no 'vlnflow' section); "
+                            "export it with `vlnflow export`, or start training from it with model.init_from")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        spatial_cfg = dict(settings["spatial"])
+        model_cfg = {**settings["model"], "init_from": str(exported.path), "qwen_path": None}
+        tokenizer, image_processor = load_processors(model_cfg)
+        model = build_model(model_cfg, int(settings["spatial_channels"]), tuple(settings["spatial_grid"]), device=device)
+        model.eval()
+        root = dataset_root or settings.get("dataset_root")
+        if root is None:
+            raise UserError("predict needs --dataset-root (the export does not record the data set root)")
+        collator = Collator(tokenizer, image_processor, model_cfg, dataset_root=root)
+        source = SpatialSource({"spatial": spatial_cfg}, cache, expected_fingerprint=settings["encoder_fingerprint"],
+                               encoder=_encoder_from_export(spatial_cfg, vggt_state(exported)))
+        return cls(model, tokenizer, collator, source, spatial_cfg["image_size"], max_new_tokens)
+
+    def predict_rows(self, rows: list[dict]):
+        """Yield a Prediction per row; frames, tokens and cached features come from the trainer's TrainSamples."""
+        from vlnflow.infer.generate import greedy_decode, prompt_only
+        from vlnflow.train.data import TrainSamples
+
+        samples = TrainSamples(pd.DataFrame(rows), self.collator, self.source, self.root, self.spatial_image_size)
+        for i in range(len(samples)):
+            started = time.perf_counter()
+            item = samples[i]
+            prompt, answer_ids = prompt_only(item.encoded)
+            features = item.features if item.features is not None else self.source.encode_live(item.vggt_frames).cpu()
+            batch = self.collator.pack([prompt], [features])
+            tokens = greedy_decode(self.model, batch, self.stop_ids, self.max_new_tokens)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            label = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+            action, label_action = answer_action(answer), answer_action(label)
+            yield Prediction(item.encoded.sample_id, answer, label, action, label_action,
+                             action is not None and action == label_action,
+                             "live" if item.features is None else "cached", time.perf_counter() - started)
+
+
+def _encoder_from_export(spatial_cfg: dict, state: dict | None):
+    """The export's own aggregator weights (janusvln layout) as the live encoder; None: build from the settings."""
+    if state is None:
+        return None
+    from vlnflow.spatial import SpatialEncoder
+    from vlnflow.spatial.checkpoint import state_digest
+
+    encoder = SpatialEncoder.from_config({**spatial_cfg, "weights": None})
+    encoder.model.load_state_dict(state, strict=True)
+    encoder.weights_id = "sha256:" + state_digest(state)
+    return encoder
+
+
+def read_samples(path: str | Path, n: int | None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--samples {path}: file not found")
+    rows = pd.read_parquet(path).to_dict("records")
+    if not rows:
+        raise UserError(f"--samples {path} holds no samples")
+    return rows[:n] if n else rows
+
+
+def summary(predictions: list[Prediction]) -> dict:
+    correct = sum(p.correct for p in predictions)
+    return {"n": len(predictions), "correct": correct, "action_accuracy": correct / len(predictions),
+            "mean_seconds": sum(p.seconds for p in predictions) / len(predictions)}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="answer samples with an exported model; print answers, labels, action accuracy",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a `vlnflow export` directory")
+    p.add_argument("--samples", default="results/index/samples.parquet")
+    p.add_argument("--n", type=int, default=20, help="first N samples (0 = all)")
+    p.add_argument("--cache", help="feature cache manifest.json to read spatial features from (default: compute live)")
+    p.add_argument("--dataset-root", help="root the samples' frame paths are relative to (default: the one the run trained on)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="one JSON object (samples + summary) instead of the table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    predictor = Predictor.from_export(args.model, device=args.device, cache=args.cache, dataset_root=args.dataset_root,
+                          max_new_tokens=args.max_new_tokens)
+    predictions = []
+    for pred in predictor.predict_rows(read_samples(args.samples, args.n)):
+        predictions.append(pred)
+        if not args.json:
+            mark = "ok " if pred.correct else "-- "
+            print(f"{mark}{pred.sample_id}  predicted: {_one_line(pred.answer)!r}  label: {_one_line(pred.label)!r}")
+    result = summary(predictions)
+    if args.json:
+        json.dump({"samples": [asdict(p) for p in predictions], **result}, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"action accuracy: {result['correct']}/{result['n']} = {100 * result['action_accuracy']:.1f}% "
+              f"({result['mean_seconds']:.3f} s per sample)")
+    return 0
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    text = text.replace("\n", " | ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
