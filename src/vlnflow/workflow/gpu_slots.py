@@ -160,6 +160,10 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
 def _cuda_initialised() -> bool:
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())
@@ -189,9 +193,9 @@ def claim_gpu(
         return GpuClaim("none-visible", job=job)
     if _cuda_initialised():
         raise RuntimeError("claim_gpu must run before CUDA initialises: CUDA_VISIBLE_DEVICES set later has no effect")
-    host_dir = Path(slot_dir) / re.sub(r"[^\w.-]", "_", socket.gethostname())
+    host_dir = Path(slot_dir) / _safe(socket.gethostname())
     host_dir.mkdir(parents=True, exist_ok=True)
-    locks = [host_dir / f"gpu_{re.sub(r'[^\w.-]', '_', g)}.lock" for g in gpus]
+    locks = [host_dir / f"gpu_{_safe(g)}.lock" for g in gpus]
     history = host_dir / HISTORY
     started = time.monotonic()
     last_log = None
