@@ -19,8 +19,8 @@ def _stats(tmp_path, jobs=JOBS, host="n1") -> list[str]:
     for shard, slot, start, end, computed in jobs:
         stats = {"shard": shard, "samples": computed, "computed": computed, "resumed": 0, "skipped": 0, "frames": 9 * computed, "wall_s": end - start,
                  "samples_per_s": computed / (end - start), "device": "cuda", "gpu_name": "NVIDIA H200",
-                 "started_at": start, "finished_at": end,
-                 "time_split_s": {"data_wait": 0.5, "compute": end - start - 1, "write_wait": 0.25, "writer_busy": 2.0},
+                 "started_at": start, "finished_at": end, "loop_s": end - start - 0.5,
+                 "time_split_s": {"data_wait": 0.5, "compute": end - start - 1, "write_wait": 0.25, "device_busy": end - start - 1, "writer_hdf5": 2.0},
                  "gpu": {"how": "claimed", "device": str(slot), "slot": slot, "slots": 2, "waited_s": 0.0, "host": host}}  # fmt: skip
         path = tmp_path / f"{host}_{shard}.stats.json"
         path.write_text(json.dumps(stats))
@@ -34,6 +34,7 @@ def test_rows_name_each_shards_gpu_and_rate(tmp_path):
     assert table["gpu"].tolist() == ["0 (slot 0 of 2)", "1 (slot 1 of 2)", "0 (slot 0 of 2)"]
     assert table["samples_per_s"].tolist() == pytest.approx([5.0, 4.0, 40 / 9.5])
     assert table["write_wait_s"].tolist() == [0.25] * 3
+    assert table["device_busy_pct"].tolist() == pytest.approx([100 * 9 / 9.5, 100 * 19 / 19.5, 100 * 8.5 / 9])
 
 
 def test_node_aggregate_is_samples_over_the_wall_span_per_host(tmp_path):
@@ -49,8 +50,8 @@ def test_section_in_the_report_and_old_stats_files(tmp_path):
     old = tmp_path / "old.stats.json"  # written before GPU slots: no gpu record, no times
     old.write_text(json.dumps({"shard": "shard_00009", "samples": 3, "computed": 3, "wall_s": 1.0, "samples_per_s": 3.0}))
     md = per_gpu_markdown([*paths, str(old)])
-    assert "| shard_00001 | n1 | 1 (slot 1 of 2) | NVIDIA H200 | 80 | 20 | 4 |" in md
-    assert "| shard_00009 |  | unknown |  | 3 | 1 | 3 |" in md
+    assert "| shard_00001 | n1 | 1 (slot 1 of 2) | NVIDIA H200 | 80 | 20 | 4 | 0.5 | 19 | 0.25 | 97 |" in md
+    assert "| shard_00009 |  | unknown |  | 3 | 1 | 3 |  |  |  |  |" in md
     assert "| n1 | 3 | 2 | 170 | 21 | 8.1 |" in md
     assert per_gpu_markdown([]) == ""
     out = tmp_path / "out"

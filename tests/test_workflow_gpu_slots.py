@@ -55,7 +55,7 @@ def test_j4_with_two_gpus_runs_at_most_two_gpu_jobs_at_once_and_matches_serial(t
         assert stats["gpu"]["how"] == "claimed" and stats["computed"] == stats["samples"] > 0
         assert re.search(rf"precompute_shard {shard}: GPU slot {stats['gpu']['slot']} of 2 claimed: "
                          rf"CUDA_VISIBLE_DEVICES={stats['gpu']['device']}\b", log), log
-        assert set(stats["time_split_s"]) == {"data_wait", "compute", "write_wait", "writer_busy"}
+        assert set(stats["time_split_s"]) == {"data_wait", "compute", "write_wait", "device_busy", "writer_hdf5"}
 
     # acceptance: a dry run lists gpu=1 in the resources of every precompute_shard and validate_shard job
     dry = wide.snakemake("-n", "precompute_all", "--forcerun", "precompute_shard", cores=8)

@@ -132,15 +132,22 @@ class DevicePrefetcher:
             nxt = self._load()  # after the caller launched batch k's compute: overlaps it
 
 
+def timing_event(device: torch.device):
+    """A recorded CUDA timing event on the current stream (None on CPU): brackets a batch's GPU work."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def to_host_async(feats: torch.Tensor):
-    """(host tensor, event or None): a CUDA result copied into pinned memory without blocking the launcher."""
+    """(host tensor, end event or None): a CUDA result copied into pinned memory without blocking the launcher."""
     if feats.device.type != "cuda":
         return feats, None
     host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
     host.copy_(feats, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+    return host, timing_event(feats.device)
 
 
 class BackgroundWriter:
@@ -155,7 +162,8 @@ class BackgroundWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.wait_s = 0.0  # caller blocked on a full queue or on the final drain
-        self.busy_s = 0.0  # thread: writing, including waiting for the device-to-host copy
+        self.hdf5_s = 0.0  # thread: ShardWriter calls (checks, cast, HDF5 writes and flushes)
+        self.device_s = 0.0  # GPU time of the written batches (CUDA events: compute + copy back)
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -166,19 +174,21 @@ class BackgroundWriter:
                 return
             if self.error is not None:
                 continue  # drain without writing: the caller raises the error
-            t0 = time.perf_counter()
             try:
                 kind, args = item
                 if kind == "write":
-                    rows, host, event = args
-                    if event is not None:
-                        event.synchronize()
+                    rows, host, (start, end) = args
+                    if end is not None:
+                        end.synchronize()  # the features are in host memory
+                        self.device_s += start.elapsed_time(end) / 1000
+                    t0 = time.perf_counter()
                     self.writer.write(rows, host)
                 else:
+                    t0 = time.perf_counter()
                     self.writer.skip(*args)
+                self.hdf5_s += time.perf_counter() - t0
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                 self.error = exc
-            self.busy_s += time.perf_counter() - t0
 
     def _put(self, item) -> None:
         self._raise()
@@ -190,8 +200,9 @@ class BackgroundWriter:
         if self.error is not None:
             raise self.error
 
-    def write(self, rows: list[int], host: torch.Tensor, event=None) -> None:
-        self._put(("write", (rows, host, event)))
+    def write(self, rows: list[int], host: torch.Tensor, events=(None, None)) -> None:
+        """Queue rows' features; `events` = (start, end) CUDA timing events bracketing their GPU work."""
+        self._put(("write", (rows, host, events)))
 
     def skip(self, row: int, reason: str) -> None:
         self._put(("skip", (row, reason)))
@@ -268,11 +279,12 @@ def precompute_shard(
                     n_skipped += 1
                 if batch.rows:
                     t0 = time.perf_counter()
+                    start = timing_event(device)
                     with torch.inference_mode():
                         feats = encoder.encode_indexed(images, index)
-                    host, event = to_host_async(feats)
+                    host, end = to_host_async(feats)
                     compute_s += time.perf_counter() - t0
-                    background.write(batch.rows, host, event)
+                    background.write(batch.rows, host, (start, end))
                     n_done += len(batch.rows)
                 bar.update(len(batch.rows) + len(batch.errors))
         finally:
@@ -297,14 +309,20 @@ def precompute_shard(
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "started_at": started_at,
         "finished_at": time.time(),
+        "setup_s": loop_started - started,  # encoder build + weights + partial file, before the first batch
         "loop_s": loop_s,
-        # where the job's main thread spent the loop: waiting for decoded frames, launching/awaiting
-        # compute, blocked on the writer; writer_busy_s is the writer thread's own time (overlapped)
+        "loop_samples_per_s": n_done / loop_s if loop_s > 0 else 0.0,
+        # The main thread's loop time: waiting for decoded frames (data_wait), running (CPU) or launching
+        # (GPU) the encoder (compute), blocked on a full writer queue (write_wait; on a GPU this also holds
+        # the wait for the GPU, as the writer waits for each batch's copy back). device_busy: the GPU time
+        # of the batches (CPU: = compute); device_busy / loop_s is the device's utilisation. writer_hdf5:
+        # the writer thread's own time, overlapped with the loop.
         "time_split_s": {
             "data_wait": prefetch.data_wait_s,
             "compute": compute_s,
             "write_wait": background.wait_s,
-            "writer_busy": background.busy_s,
+            "device_busy": background.device_s if device.type == "cuda" else compute_s,
+            "writer_hdf5": background.hdf5_s,
         },
     }
     log.info("precompute %s: %s", stats["shard"], stats)

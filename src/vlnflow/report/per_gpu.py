@@ -15,7 +15,7 @@ import pandas as pd
 from vlnflow.report import sources
 
 COLUMNS = ("shard", "host", "gpu", "gpu_name", "computed", "wall_s", "samples_per_s",
-           "data_wait_s", "compute_s", "write_wait_s", "started_at", "finished_at")  # fmt: skip
+           "data_wait_s", "compute_s", "write_wait_s", "device_busy_pct", "started_at", "finished_at")  # fmt: skip
 
 
 def _gpu_label(stats: dict) -> str:
@@ -47,6 +47,7 @@ def per_gpu_table(stats_paths: list[str]) -> pd.DataFrame:
             "data_wait_s": float(split.get("data_wait", math.nan)),
             "compute_s": float(split.get("compute", math.nan)),
             "write_wait_s": float(split.get("write_wait", math.nan)),
+            "device_busy_pct": 100 * float(split.get("device_busy", math.nan)) / float(s.get("loop_s") or math.nan),
             "started_at": float(s.get("started_at", math.nan)),
             "finished_at": float(s.get("finished_at", math.nan)),
         })  # fmt: skip
@@ -74,18 +75,20 @@ def per_gpu_markdown(stats_paths: list[str]) -> str:
     if not stats_paths:
         return ""
     table = per_gpu_table(stats_paths)
-    header = ["shard", "host", "GPU", "card", "samples", "wall s", "samples/s", "data wait s", "compute s", "write wait s"]
+    header = ["shard", "host", "GPU", "card", "samples", "wall s", "samples/s", "data wait s", "compute s", "write wait s",
+              "device busy %"]  # fmt: skip
     lines = ["", "## Precompute per GPU", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
     for r in table.itertuples():
         cells = [str(r.shard), r.host, r.gpu, r.gpu_name, f"{r.computed:,}", _n(r.wall_s), _n(r.samples_per_s),
-                 _n(r.data_wait_s), _n(r.compute_s), _n(r.write_wait_s)]  # fmt: skip
+                 _n(r.data_wait_s), _n(r.compute_s), _n(r.write_wait_s), _n(r.device_busy_pct, ".0f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     agg = node_aggregate(table)
     lines += ["", "Node aggregate (all computed samples / wall span from the first job's start to the last one's end):", "",
               "| host | jobs | GPUs | samples | span s | samples/s |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in agg.itertuples():
         lines.append(f"| {r.host} | {r.jobs} | {r.gpus} | {r.samples:,} | {_n(r.span_s)} | {_n(r.samples_per_s)} |")
-    lines += ["", "Time split of each job's main thread: data wait = waiting for decoded frames, compute = "
-              "launching the encoder and copying features back, write wait = blocked on the HDF5 writer thread."]
+    lines += ["", "Time split of each job's batch loop (main thread): data wait = waiting for decoded frames, compute = "
+              "running (CPU) or launching (GPU) the encoder, write wait = blocked on the writer thread (on a GPU this "
+              "includes waiting for the GPU); device busy = the batches' GPU time / loop time."]
     return "\n".join(lines) + "\n"
