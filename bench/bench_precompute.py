@@ -40,9 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON report (default: $OUT/bench_precompute.json, else ./bench_precompute.json)")
     ap.add_argument("--work", default=None, help="folder for the demo data and workflow copy (default: a new temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards (a temp folder is removed otherwise)")
-    ap.add_argument("--episodes", type=int, default=20, help="demo episodes (3..40 steps each; 20 -> about 430 samples)")
+    ap.add_argument("--episodes", type=int, default=24, help="demo episodes (3..40 steps each; 24 -> about 520 samples)")
     ap.add_argument("--size", default="640x480", help="frame size WxH of the demo data")
-    ap.add_argument("--shards", type=int, default=1, help="shards = precompute jobs, run one at a time (-j 1)")
+    ap.add_argument("--shards", type=int, default=2,
+                    help="shards = precompute jobs, one at a time (-j 1); the first fills torch.compile's on-disk cache, "
+                         "as the first of a real run's 256 jobs does, so the last job is the steady-state figure")
     ap.add_argument("--preset", default="vggt-1b", choices=["tiny", "vggt-1b"])
     ap.add_argument("--image-size", type=int, default=644)
     ap.add_argument("--history", type=int, default=8, help="history.max_frames: samples have up to H+1 frames")
@@ -144,6 +146,8 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
 
     t0 = time.perf_counter()
     encoder = SpatialEncoder.from_config(config["spatial"])
+    if encoder.device.type == "cpu":
+        torch.set_num_threads(1)  # as the job: Snakemake runs a one-thread job with OMP_NUM_THREADS=1
     setup_s = time.perf_counter() - t0
     dev = encoder.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -175,14 +179,17 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
 
 
 def summarise(jobs: list[dict], alone: dict) -> dict:
-    """Job rates (summed over jobs) and their ratio to the encoder-alone rate."""
+    """Job rates (summed over jobs, and the last job alone) and their ratio to the encoder-alone rate."""
     computed = sum(j["computed"] for j in jobs)
     wall = sum(j["wall_s"] for j in jobs)
     loop = sum(j.get("loop_s", j["wall_s"]) for j in jobs)
     job_rate, loop_rate = computed / wall if wall else 0.0, computed / loop if loop else 0.0
     split = {k: sum((j.get("time_split_s") or {}).get(k, 0.0) for j in jobs) for k in ("data_wait", "compute", "write_wait", "device_busy", "writer_hdf5")}
     ref = alone["samples_per_s"]
-    return {"computed": computed, "job_wall_s": wall, "job_loop_s": loop, "job_setup_s": sum(j.get("setup_s", 0.0) for j in jobs),
+    last = jobs[-1]
+    last_loop = last["computed"] / last["loop_s"] if last.get("loop_s") else 0.0
+    return {"last_job": last["shard"], "last_job_loop_samples_per_s": last_loop,
+            "ratio_last_job_loop": last_loop / ref if ref else None,"computed": computed, "job_wall_s": wall, "job_loop_s": loop, "job_setup_s": sum(j.get("setup_s", 0.0) for j in jobs),
             "job_samples_per_s": job_rate, "job_loop_samples_per_s": loop_rate, "encoder_samples_per_s": ref,
             "ratio_job_wall": job_rate / ref if ref else None, "ratio_job_loop": loop_rate / ref if ref else None,
             "time_split_s": split}  # fmt: skip
@@ -190,10 +197,15 @@ def summarise(jobs: list[dict], alone: dict) -> dict:
 
 def print_table(report: dict) -> None:
     s = report["summary"]
-    rows = [
-        ("encoder alone (encode_indexed, same batches)", f"{s['encoder_samples_per_s']:.3f}", "1.00", f"{report['encoder_alone']['ms_per_sample']:.1f} ms/sample"),
-        ("precompute job, batch loop", f"{s['job_loop_samples_per_s']:.3f}", f"{s['ratio_job_loop']:.2f}", f"{s['job_loop_s']:.1f} s"),
-        ("precompute job, whole job", f"{s['job_samples_per_s']:.3f}", f"{s['ratio_job_wall']:.2f}", f"{s['job_wall_s']:.1f} s incl. {s['job_setup_s']:.1f} s set-up"),
+    ref = s["encoder_samples_per_s"]
+    rows = [("encoder alone (encode_indexed, same batches)", f"{ref:.3f}", "1.00", f"{report['encoder_alone']['ms_per_sample']:.1f} ms/sample")]
+    for j in report["jobs"]:
+        loop = j["computed"] / j["loop_s"] if j.get("loop_s") else 0.0
+        rows.append((f"job {j['shard']}, batch loop", f"{loop:.3f}", f"{loop / ref:.2f}" if ref else "",
+                     f"{j['computed']} samples in {j.get('loop_s', 0):.1f} s"))
+    rows += [
+        ("all jobs, batch loops", f"{s['job_loop_samples_per_s']:.3f}", f"{s['ratio_job_loop']:.2f}", f"{s['job_loop_s']:.1f} s"),
+        ("all jobs, whole jobs", f"{s['job_samples_per_s']:.3f}", f"{s['ratio_job_wall']:.2f}", f"{s['job_wall_s']:.1f} s incl. {s['job_setup_s']:.1f} s set-up"),
     ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print()
@@ -207,7 +219,8 @@ def print_table(report: dict) -> None:
           f"writer thread HDF5 {t['writer_hdf5']:.1f} s (overlapped)")
     for j in report["jobs"]:
         print(f"{j['shard']}: {j['computed']} samples, log: {j['log_gpu_line']}; torch device {j.get('device')} = {j.get('gpu_name')}")
-    print(f"goal (issue 11): batch loop >= 0.90 x encoder alone -> {'met' if (s['ratio_job_loop'] or 0) >= 0.9 else 'NOT met'}")
+    ok = (s["ratio_last_job_loop"] or 0) >= 0.9
+    print(f"goal (issue 11): last job's batch loop >= 0.90 x encoder alone: {s['ratio_last_job_loop']:.2f} -> {'met' if ok else 'NOT met'}")
 
 
 def main(argv=None) -> int:

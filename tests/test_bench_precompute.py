@@ -36,9 +36,10 @@ def test_tiny_mode_and_bad_arguments(capsys):
 
 def test_summary_compares_job_rates_with_the_encoder_alone():
     split = {"data_wait": 1.0, "compute": 2.0, "write_wait": 3.0, "device_busy": 40.0, "writer_hdf5": 5.0}
-    jobs = [{"computed": 300, "wall_s": 60.0, "loop_s": 50.0, "setup_s": 10.0, "time_split_s": split},
-            {"computed": 100, "wall_s": 20.0, "loop_s": 20.0, "setup_s": 0.0, "time_split_s": split}]  # fmt: skip
+    jobs = [{"shard": "shard_00000", "computed": 300, "wall_s": 60.0, "loop_s": 50.0, "setup_s": 10.0, "time_split_s": split},
+            {"shard": "shard_00001", "computed": 100, "wall_s": 20.0, "loop_s": 20.0, "setup_s": 0.0, "time_split_s": split}]  # fmt: skip
     s = bench.summarise(jobs, {"samples_per_s": 8.0})
     assert s["job_samples_per_s"] == pytest.approx(5.0) and s["job_loop_samples_per_s"] == pytest.approx(400 / 70)
     assert s["ratio_job_wall"] == pytest.approx(5 / 8) and s["ratio_job_loop"] == pytest.approx(400 / 70 / 8)
     assert s["time_split_s"]["device_busy"] == 80.0 and s["job_setup_s"] == 10.0
+    assert s["last_job"] == "shard_00001" and s["ratio_last_job_loop"] == pytest.approx(5 / 8)
