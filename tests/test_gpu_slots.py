@@ -184,3 +184,43 @@ def test_slurm_profile_asks_for_each_jobs_gpus_once(rule, rule_resources, gres):
     job = SimpleNamespace(resources=_Resources(_profile_resources(rule, rule_resources)), name=rule)
     assert set_gres_string(job).split() == [gres], "gres per node, and no --gpus=<job total> beside it"
     parse_gpu_requirements(job)  # raises when 'gpu' and 'gres' both ask (the plugin's partition selection)
+
+
+def test_a_multi_gpu_job_claims_all_it_needs_or_waits(tmp_path):
+    env = {"VLNFLOW_FAKE_GPUS": "3"}
+    single = claim_gpu(tmp_path, job="one", env=dict(env))
+    try:
+        whole = claim_gpu(tmp_path, job="train", count=2, env=dict(env))
+        assert (whole.device, whole.slot) == ("1,2", 1) and "GPU slots 1,2 of 3 claimed: CUDA_VISIBLE_DEVICES=1,2" in whole.describe()
+        whole.release()
+        with pytest.raises(UserError, match="train needs 4 GPUs but 3 are visible"):
+            claim_gpu(tmp_path, job="train", count=4, env=dict(env))
+    finally:
+        single.release()
+    records = read_claims(tmp_path)
+    assert [(r["event"], r["slot"]) for r in records] == [("claim", 0), ("claim", 1), ("claim", 2), ("release", 1),
+                                                          ("release", 2), ("release", 0)]  # fmt: skip
+    assert max_concurrent(records) == 3
+
+
+def test_a_multi_gpu_job_waits_while_too_few_are_free(tmp_path):
+    slots = tmp_path / "slots"
+    holder = _start(slots, "holder", _env(VLNFLOW_FAKE_GPUS="2"))
+    script = ("import logging, sys\nfrom vlnflow.workflow.gpu_slots import claim_gpu\n"
+              "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+              f"c = claim_gpu({str(slots)!r}, job='train', count=2, poll_s=0.05)\nprint(c.device, flush=True)\n")  # fmt: skip
+    train = None
+    try:
+        assert holder.stdout.readline().split() == ["0", "0"]
+        train = subprocess.Popen([sys.executable, "-c", script], env=_env(VLNFLOW_FAKE_GPUS="2"), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        line = train.stderr.readline()
+        assert "train waiting for 2 free GPUs: 1 of 2 slots" in line and "GPU 0: holder" in line, line
+        holder.communicate("")
+        assert train.stdout.readline().strip() == "0,1"
+    finally:
+        for p in (holder, train):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()

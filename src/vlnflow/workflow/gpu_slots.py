@@ -49,19 +49,20 @@ class GpuClaim:
     """What a job got: `device` is its CUDA_VISIBLE_DEVICES value (None: no GPU), `how` why."""
 
     how: str  # claimed | scheduler | cpu | off | none-visible
-    device: str | None = None
-    slot: int | None = None
-    slots: int = 0
+    device: str | None = None  # comma list when a job claims several GPUs
+    slot: int | None = None  # the (first) slot claimed
+    slots: int = 0  # slots on this host
     waited_s: float = 0.0
     job: str = ""
     lock_path: Path | None = None
     history: Path | None = None
-    _fd: int | None = field(default=None, repr=False)
+    _held: list[tuple[int, str, int]] = field(default_factory=list, repr=False)  # (slot, device, fd)
 
     def describe(self) -> str:
         """The log line naming the job's GPU."""
         if self.how == "claimed":
-            return (f"GPU slot {self.slot} of {self.slots} claimed: CUDA_VISIBLE_DEVICES={self.device} "
+            which = f"GPU slot {self.slot}" if len(self._held) <= 1 else "GPU slots " + ",".join(str(h[0]) for h in self._held)
+            return (f"{which} of {self.slots} claimed: CUDA_VISIBLE_DEVICES={self.device} "
                     f"(waited {self.waited_s:.1f} s; lock {self.lock_path})")
         if self.how == "scheduler":
             return f"GPU pinned by the scheduler: CUDA_VISIBLE_DEVICES={self.device} (no slot claimed)"
@@ -75,12 +76,11 @@ class GpuClaim:
                 "waited_s": round(self.waited_s, 3), "host": socket.gethostname()}
 
     def release(self) -> None:
-        """Give the slot back (also done by the OS at exit, however the process ends)."""
-        if self._fd is None:
-            return
-        _append(self.history, {"event": "release", "slot": self.slot, "device": self.device, "job": self.job})
-        os.close(self._fd)
-        self._fd = None
+        """Give the slots back (also done by the OS at exit, however the process ends)."""
+        for slot, device, fd in self._held:
+            _append(self.history, {"event": "release", "slot": slot, "device": device, "job": self.job})
+            os.close(fd)
+        self._held = []
 
 
 # -- which GPUs ---------------------------------------------------------------------------------
@@ -173,11 +173,12 @@ def claim_gpu(
     slot_dir: str | Path = DEFAULT_SLOT_DIR,
     *,
     job: str = "",
+    count: int = 1,
     env: MutableMapping[str, str] | None = None,
     poll_s: float = 2.0,
     log_every_s: float = 60.0,
 ) -> GpuClaim:
-    """Claim one visible GPU for this process's life and pin CUDA_VISIBLE_DEVICES to it (module doc)."""
+    """Claim `count` visible GPUs (all or none) for this process's life and pin CUDA_VISIBLE_DEVICES to them."""
     env = os.environ if env is None else env
     mode = env.get(MODE_ENV, "auto").strip().lower() or "auto"
     if mode not in ("auto", "claim", "off"):
@@ -191,6 +192,11 @@ def claim_gpu(
     gpus = visible_gpus(env)
     if not gpus:
         return GpuClaim("none-visible", job=job)
+    if count > len(gpus):
+        from vlnflow.errors import UserError
+
+        raise UserError(f"{job or 'job'} needs {count} GPUs but {len(gpus)} are visible ({','.join(gpus)}); "
+                        "check cluster.gpus_per_node and CUDA_VISIBLE_DEVICES")  # fmt: skip
     if _cuda_initialised():
         raise RuntimeError("claim_gpu must run before CUDA initialises: CUDA_VISIBLE_DEVICES set later has no effect")
     host_dir = Path(slot_dir) / _safe(socket.gethostname())
@@ -200,25 +206,36 @@ def claim_gpu(
     started = time.monotonic()
     last_log = None
     while True:
+        got: list[tuple[int, str, int]] = []
         for slot, (gpu, path) in enumerate(zip(gpus, locks)):
             fd = _try_lock(path)
-            if fd is None:
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "job": job, "device": gpu, "since": time.time()}).encode())
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-            claim = GpuClaim("claimed", device=gpu, slot=slot, slots=len(gpus), waited_s=time.monotonic() - started,
-                             job=job, lock_path=path, history=history, _fd=fd)
-            _append(history, {"event": "claim", "slot": slot, "device": gpu, "job": job})
+            if fd is not None:
+                got.append((slot, gpu, fd))
+                if len(got) == count:
+                    break
+        if len(got) == count:
+            for slot, gpu, fd in got:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "job": job, "device": gpu, "since": time.time()}).encode())
+                _append(history, {"event": "claim", "slot": slot, "device": gpu, "job": job})
+            device = ",".join(g for _, g, _ in got)
+            env["CUDA_VISIBLE_DEVICES"] = device
+            claim = GpuClaim("claimed", device=device, slot=got[0][0], slots=len(gpus), waited_s=time.monotonic() - started,
+                             job=job, lock_path=locks[got[0][0]], history=history, _held=got)  # fmt: skip
             _held.append(claim)
             atexit.register(claim.release)
             return claim
+        for _, _, fd in got:  # all or none: a job never starts on fewer GPUs than it asked for
+            os.close(fd)
         now = time.monotonic()
         if last_log is None or now - last_log >= log_every_s:
             holders = ", ".join(f"GPU {g}: {_holder(p)}" for g, p in zip(gpus, locks))
-            log.warning("%s waiting for a free GPU: all %d slots under %s are held (%s); "
-                        "a job never shares a GPU, so it starts when one is released (waited %.0f s)",
-                        job or "job", len(gpus), host_dir, holders, now - started)
+            if count == 1:
+                state = f"a free GPU: all {len(gpus)} slots under {host_dir} are held"
+            else:
+                state = f"{count} free GPUs: {len(got)} of {len(gpus)} slots under {host_dir} are free"
+            log.warning("%s waiting for %s (%s); a job never shares a GPU, so it starts when one is released "
+                        "(waited %.0f s)", job or "job", state, holders, now - started)
             last_log = now
         time.sleep(poll_s)
 
