@@ -6,7 +6,8 @@ Builds a demo data set (real 640x480 frames), a workflow copy whose config has r
 process times `encode_indexed` alone on exactly the job's batches (frames already on the GPU, warm-up
 pass first, synchronised per batch). Prints job samples/s (whole job, and its batch loop without model
 set-up) against the encoder alone, the ratio (issue 11's goal: loop >= 90 % of the encoder), the
-job's time split, and the GPU its log names; writes everything to --out as JSON.
+job's time split, the GPU its log names, and whether the job's HDF5 rows are bit-identical to the
+encoder's output for the same batches (a stream or copy bug would show here); writes all to --out as JSON.
 
 GPU (one H200; snakemake and its deps importable, e.g. from carried wheels on PYTHONPATH):
     PYTHONPATH=src:$PYTHONPATH python3 bench/bench_precompute.py --out $OUT/bench_precompute.json
@@ -141,6 +142,10 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
+    import h5py
+    import numpy as np
+
+    from vlnflow.cache import format as fmt
     from vlnflow.cache.precompute import ShardFrames, make_batches
     from vlnflow.spatial import SpatialEncoder
 
@@ -158,22 +163,32 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
         groups = make_batches(list(range(len(frames))), [len(f) for f in frames], config["spatial"]["batch_size"])
         data = ShardFrames(wf / config["dataset"]["root"], table.sample_id.tolist(), frames, groups, config["spatial"]["image_size"])
         workers = config["cache"]["loader_workers"]
+        h5 = wf / "results" / "cache" / f"{shard.stem}.h5"
         for b in DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
-            batches.append((b.images.to(dev), b.frame_index.to(dev), len(b.rows)))
+            batches.append((b.images.to(dev), b.frame_index.to(dev), len(b.rows), h5, b.rows))
     sync()
     with torch.inference_mode():
-        for images, index, _ in batches * warmup_passes:
+        for images, index, *_ in batches * warmup_passes:
             encoder.encode_indexed(images, index)
         sync()
-        seconds = []
-        for images, index, _ in batches:
+        seconds, mismatched, max_diff = [], 0, 0.0
+        for images, index, _, h5, rows in batches:
             t = time.perf_counter()
-            encoder.encode_indexed(images, index)
+            feats = encoder.encode_indexed(images, index)
             sync()
             seconds.append(time.perf_counter() - t)
-    samples = sum(n for *_, n in batches)
+            # untimed: the job's rows must hold exactly these features (the pipeline reorders nothing)
+            ours = fmt.to_storage(feats.cpu(), config["cache"]["dtype"])
+            with h5py.File(h5) as f:
+                stored = np.stack([f[fmt.FEATURES][r] for r in rows])
+            if not np.array_equal(ours, stored):
+                mismatched += 1
+                diff = fmt.from_storage(ours, config["cache"]["dtype"]).float() - fmt.from_storage(stored, config["cache"]["dtype"]).float()
+                max_diff = max(max_diff, float(diff.abs().max()))
+    samples = sum(b[2] for b in batches)
     total = sum(seconds)
     return {"samples": samples, "batches": len(batches), "seconds": total, "setup_s": setup_s,
+            "identical_to_job": mismatched == 0, "mismatched_batches": mismatched, "max_abs_diff": max_diff,
             "samples_per_s": samples / total if total > 0 else 0.0, "ms_per_sample": 1000 * total / samples if samples else 0.0,
             "device": str(dev), "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}  # fmt: skip
 
@@ -220,6 +235,9 @@ def print_table(report: dict) -> None:
     for j in report["jobs"]:
         print(f"{j['shard']}: {j['computed']} samples, log: {j['log_gpu_line']}; torch device {j.get('device')} = {j.get('gpu_name')}")
     ok = (s["ratio_last_job_loop"] or 0) >= 0.9
+    a = report["encoder_alone"]
+    print(f"job's cached features vs the encoder alone: {'bit-identical' if a['identical_to_job'] else 'DIFFERENT'} "
+          f"({a['mismatched_batches']} of {a['batches']} batches differ, max abs diff {a['max_abs_diff']:.3g})")
     print(f"goal (issue 11): last job's batch loop >= 0.90 x encoder alone: {s['ratio_last_job_loop']:.2f} -> {'met' if ok else 'NOT met'}")
 
 
