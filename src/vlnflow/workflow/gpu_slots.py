@@ -14,7 +14,8 @@ job: nothing is claimed. VLNFLOW_GPU_SLOTS=off never claims; =claim claims even 
 (e.g. `snakemake -j 8` run in an salloc shell).
 
 Every claim and release is appended to results/gpu_slots/<host>/claims.jsonl (time, slot, pid,
-job), the record the benchmark report and the concurrency test read.
+job): the record of which jobs held which GPU when (`read_claims`, `max_concurrent`). flock works
+on local disks and on Linux NFS (emulated there with POSIX locks).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ MODE_ENV = "VLNFLOW_GPU_SLOTS"  # auto (default) | claim | off
 DEFAULT_SLOT_DIR = "results/gpu_slots"
 HISTORY = "claims.jsonl"
 
-_held: list["GpuClaim"] = []  # claims live as long as the process (the open file keeps the lock)
+_alive: list["GpuClaim"] = []  # claims live as long as the process (the open files keep the locks)
 
 
 @dataclass
@@ -222,7 +223,7 @@ def claim_gpu(
             env["CUDA_VISIBLE_DEVICES"] = device
             claim = GpuClaim("claimed", device=device, slot=got[0][0], slots=len(gpus), waited_s=time.monotonic() - started,
                              job=job, lock_path=locks[got[0][0]], history=history, _held=got)  # fmt: skip
-            _held.append(claim)
+            _alive.append(claim)
             atexit.register(claim.release)
             return claim
         for _, _, fd in got:  # all or none: a job never starts on fewer GPUs than it asked for
