@@ -6,8 +6,6 @@ import os
 
 TRAIN_RUN = config["train"]["run"]
 NODES = config["cluster"]["nodes"]
-# GPUs of the whole run (`gpu=N` is a job total); the CPU demo (backend gloo) uses none
-TRAIN_GPUS = config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0
 
 
 rule train:
@@ -26,7 +24,8 @@ rule train:
         nodes=NODES,
         tasks=NODES,
         mpi="srun" if NODES > 1 else "",  # the plugin runs a multi-node rule un-wrapped only with mpi set
-        gpu=TRAIN_GPUS,
+        # GPUs of the whole run (`gpu=N` is a job total); none on the CPU demo (backend gloo)
+        gpu=config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0,
     log:
         f"results/logs/train/{TRAIN_RUN}.log",
     benchmark:
@@ -52,7 +51,7 @@ rule train_live:
         nodes=NODES,
         tasks=NODES,
         mpi="srun" if NODES > 1 else "",
-        gpu=TRAIN_GPUS,
+        gpu=config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0,
     log:
         f"results/logs/train/{TRAIN_RUN}_live.log",
     benchmark:
