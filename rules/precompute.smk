@@ -12,6 +12,8 @@ rule precompute_shard:
         encoder=ENCODER_FINGERPRINT,  # any encoder setting change makes every shard stale
         storage={"dtype": config["cache"]["dtype"], "compression": config["cache"]["compression"]},  # so does a storage change
         partial=lambda wildcards: f"results/cache/.partial/{wildcards.shard}.h5",
+    resources:
+        gpu=1,  # one GPU of its own: a slot under results/gpu_slots (node) or the profile's gres (Slurm)
     log:
         "results/logs/precompute/{shard}.log",
     benchmark:
@@ -32,6 +34,8 @@ rule validate_shard:
         encoder=ENCODER_FINGERPRINT,
         quarantine="results/cache/corrupt",
         validated="results/cache/validation.json",  # removed when this shard is moved aside, so the next run rebuilds it
+    resources:
+        gpu=1,  # spot checks recompute samples live on the GPU
     log:
         "results/logs/validate/{shard}.log",
     benchmark:

@@ -24,6 +24,8 @@ rule train:
         nodes=NODES,
         tasks=NODES,
         mpi="srun" if NODES > 1 else "",  # the plugin runs a multi-node rule un-wrapped only with mpi set
+        # GPUs of the whole run (`gpu=N` is a job total); none on the CPU demo (backend gloo)
+        gpu=config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0,
     log:
         f"results/logs/train/{TRAIN_RUN}.log",
     benchmark:
@@ -49,6 +51,7 @@ rule train_live:
         nodes=NODES,
         tasks=NODES,
         mpi="srun" if NODES > 1 else "",
+        gpu=config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0,
     log:
         f"results/logs/train/{TRAIN_RUN}_live.log",
     benchmark:

@@ -1,11 +1,16 @@
 """Rule precompute_shard: compute one shard's VGGT features (logic: vlnflow.cache.precompute)."""
 import json
 
-from vlnflow.cache.precompute import precompute_shard
-from vlnflow.data.shards import stored_fingerprint
+from vlnflow.workflow.gpu_slots import claim_for_device
 from vlnflow.workflow.logs import setup_logging
 
 setup_logging(snakemake.log[0])
+# before anything initialises CUDA: this job's own GPU (a slot of the node's GPUs, or the scheduler's)
+gpu = claim_for_device(snakemake.config["spatial"]["device"], job=f"precompute_shard {snakemake.wildcards.shard}")
+
+from vlnflow.cache.precompute import precompute_shard  # noqa: E402
+from vlnflow.data.shards import stored_fingerprint  # noqa: E402
+
 stats = precompute_shard(
     snakemake.input.shard,
     stored_fingerprint(snakemake.input.shard),
@@ -13,5 +18,6 @@ stats = precompute_shard(
     snakemake.params.partial,
     snakemake.config,
 )
+stats["gpu"] = gpu.record()
 with open(snakemake.output.stats, "w") as fh:
     json.dump(stats, fh, indent=2)

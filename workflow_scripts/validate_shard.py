@@ -3,11 +3,16 @@ import json
 import sys
 from pathlib import Path
 
-from vlnflow.cache.validate import validate_shard
-from vlnflow.data.shards import stored_fingerprint
+from vlnflow.workflow.gpu_slots import claim_for_device
 from vlnflow.workflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
+# spot checks recompute samples live: this job's own GPU, claimed before CUDA initialises
+claim_for_device(snakemake.config["spatial"]["device"], job=f"validate_shard {snakemake.wildcards.shard}")
+
+from vlnflow.cache.validate import validate_shard  # noqa: E402
+from vlnflow.data.shards import stored_fingerprint  # noqa: E402
+
 expected = {
     "encoder_fingerprint": snakemake.params.encoder,
     "shard_fingerprint": stored_fingerprint(snakemake.input.shard),

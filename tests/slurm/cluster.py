@@ -459,10 +459,11 @@ def write_test_profile(dest: Path, *, partition: str, extra: dict | None = None)
     resources.update(slurm_partition=partition, mem_mb=400, runtime=30, cpus_per_task=1)
     profile["default-resources"] = resources
     profile["slurm-no-account"] = True
-    # Fake GPUs: drop every GPU/exclusive/CPU/memory request the site profile makes per rule.
+    # Fake GPUs: drop every GPU/exclusive/CPU/memory request the site profile makes per rule, and keep
+    # the rules' own `gpu=N` (meant for local runs) from reaching sbatch as --gpus, as the site profile does.
     site_only = {"gres", "gpu", "gpus", "slurm_extra", "constraint", "mem_mb", "cpus_per_task", "runtime"}
     profile["set-resources"] = {
-        rule: {k: v for k, v in (res or {}).items() if k not in site_only}
+        rule: {**{k: v for k, v in (res or {}).items() if k not in site_only}, "gpu": 0}
         for rule, res in (profile.get("set-resources") or {}).items()
     }
     profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5, "jobs": 8})

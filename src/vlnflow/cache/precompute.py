@@ -2,11 +2,20 @@
 
 Samples of one episode share most frames, so each batch loads every unique frame
 once and the encoder runs DINOv2 once per unique image (`encode_indexed`).
+
+The GPU is kept busy by a three-stage pipeline: workers decode into pinned memory, the
+next batch's host-to-device copy runs on a side stream while the current batch computes
+(`DevicePrefetcher`), and features go back to pinned host memory asynchronously and are
+written by one writer thread behind a bounded queue (`BackgroundWriter`). The writer still
+marks a row done only after its features are flushed, so crash safety and resume are
+unchanged, and rows are written in the same order with the same values as a serial loop.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +39,10 @@ class LoadedBatch:
     images: torch.Tensor  # [U, 3, H, W] in [0, 1]
     frame_index: torch.Tensor  # [len(rows), S] into images
     errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be loaded
+
+    def pin_memory(self) -> "LoadedBatch":
+        """Called by DataLoader(pin_memory=True) (a dataclass is not pinned otherwise): async copies need pinned pages."""
+        return LoadedBatch(self.rows, self.images.pin_memory(), self.frame_index.pin_memory(), self.errors)
 
 
 def make_batches(pending: list[int], frame_counts: list[int], batch_size: int) -> list[list[int]]:
@@ -81,6 +94,129 @@ class ShardFrames(Dataset):
         return LoadedBatch(rows, images, torch.tensor(index, dtype=torch.long).reshape(len(rows), width), errors)
 
 
+class DevicePrefetcher:
+    """Iterate (batch, images, frame_index) with the tensors already on `device`.
+
+    On CUDA the copy of batch k+1 is issued on a side stream as soon as batch k is handed
+    out, so it overlaps batch k's compute; `data_wait_s` is the time spent waiting for
+    the DataLoader (decode not keeping up)."""
+
+    def __init__(self, loader, device: torch.device):
+        self.it, self.device = iter(loader), device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.data_wait_s = 0.0
+
+    def _load(self):
+        t0 = time.perf_counter()
+        batch = next(self.it, None)
+        self.data_wait_s += time.perf_counter() - t0
+        if batch is None:
+            return None
+        if not batch.rows or self.stream is None:
+            return batch, batch.images, batch.frame_index
+        with torch.cuda.stream(self.stream):
+            images = batch.images.to(self.device, non_blocking=True)
+            index = batch.frame_index.to(self.device, non_blocking=True)
+        return batch, images, index
+
+    def __iter__(self):
+        nxt = self._load()
+        while nxt is not None:
+            batch, images, index = nxt
+            if self.stream is not None and batch.rows:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(self.stream)  # compute starts after this batch's copy
+                images.record_stream(current)  # memory from the side stream is used on this one
+                index.record_stream(current)
+            yield nxt
+            nxt = self._load()  # after the caller launched batch k's compute: overlaps it
+
+
+def timing_event(device: torch.device):
+    """A recorded CUDA timing event on the current stream (None on CPU): brackets a batch's GPU work."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def to_host_async(feats: torch.Tensor):
+    """(host tensor, end event or None): a CUDA result copied into pinned memory without blocking the launcher."""
+    if feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    return host, timing_event(feats.device)
+
+
+class BackgroundWriter:
+    """ShardWriter calls (write / skip) run in order on one thread behind a bounded queue.
+
+    The caller never waits for HDF5 unless the queue is full (`wait_s`). The first error
+    in the thread stops it and is raised in the caller at the next call or at `close()`.
+    """
+
+    def __init__(self, writer, depth: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.wait_s = 0.0  # caller blocked on a full queue or on the final drain
+        self.hdf5_s = 0.0  # thread: ShardWriter calls (checks, cast, HDF5 writes and flushes)
+        self.device_s = 0.0  # GPU time of the written batches (CUDA events: compute + copy back)
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing: the caller raises the error
+            try:
+                kind, args = item
+                if kind == "write":
+                    rows, host, (start, end) = args
+                    if end is not None:
+                        end.synchronize()  # the features are in host memory
+                        self.device_s += start.elapsed_time(end) / 1000
+                    t0 = time.perf_counter()
+                    self.writer.write(rows, host)
+                else:
+                    t0 = time.perf_counter()
+                    self.writer.skip(*args)
+                self.hdf5_s += time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                self.error = exc
+
+    def _put(self, item) -> None:
+        self._raise()
+        t0 = time.perf_counter()
+        self.queue.put(item)
+        self.wait_s += time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def write(self, rows: list[int], host: torch.Tensor, events=(None, None)) -> None:
+        """Queue rows' features; `events` = (start, end) CUDA timing events bracketing their GPU work."""
+        self._put(("write", (rows, host, events)))
+
+    def skip(self, row: int, reason: str) -> None:
+        self._put(("skip", (row, reason)))
+
+    def close(self) -> None:
+        """Finish every queued call (rows already computed are kept, also when the caller failed), then re-raise."""
+        if self.thread.is_alive():
+            t0 = time.perf_counter()
+            self.queue.put(None)
+            self.thread.join()
+            self.wait_s += time.perf_counter() - t0
+        self._raise()
+
+
 def precompute_shard(
     shard_parquet: str | Path,
     shard_fingerprint: str,
@@ -94,7 +230,7 @@ def precompute_shard(
     """Fill `out_h5` with every sample of the shard (resuming `partial_h5` if present); returns stats."""
     from vlnflow.spatial import SpatialEncoder
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     table = pd.read_parquet(shard_parquet)
     sample_ids = table.sample_id.tolist()
     frames = [list(f) for f in table.frames]
@@ -128,27 +264,35 @@ def precompute_shard(
             persistent_workers=False,
         )
         n_skipped = n_done = 0
-        encode_s = 0.0
+        compute_s = 0.0
         bar = tqdm(total=len(pending), unit="sample", desc=Path(out_h5).stem, disable=not progress, smoothing=0.1)
-        for batch in loader:
-            for row, why in batch.errors.items():
-                if config["dataset"]["on_error"] == "fail":
-                    raise DatasetError(why)
-                log.warning("skipped %s", why)
-                writer.skip(row, why)
-                n_skipped += 1
-            if batch.rows:
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    feats = encoder.encode_indexed(
-                        batch.images.to(device, non_blocking=True), batch.frame_index.to(device, non_blocking=True)
-                    )
-                feats = feats.cpu()
-                encode_s += time.perf_counter() - t0
-                writer.write(batch.rows, feats)
-                n_done += len(batch.rows)
-            bar.update(len(batch.rows) + len(batch.errors))
-        bar.close()
+        prefetch = DevicePrefetcher(loader, device)
+        background = BackgroundWriter(writer)
+        loop_started = time.perf_counter()
+        try:
+            for batch, images, index in prefetch:
+                for row, why in batch.errors.items():
+                    if config["dataset"]["on_error"] == "fail":
+                        raise DatasetError(why)
+                    log.warning("skipped %s", why)
+                    background.skip(row, why)
+                    n_skipped += 1
+                if batch.rows:
+                    t0 = time.perf_counter()
+                    start = timing_event(device)
+                    with torch.inference_mode():
+                        feats = encoder.encode_indexed(images, index)
+                    host, end = to_host_async(feats)
+                    compute_s += time.perf_counter() - t0
+                    background.write(batch.rows, host, (start, end))
+                    n_done += len(batch.rows)
+                bar.update(len(batch.rows) + len(batch.errors))
+        finally:
+            try:
+                background.close()  # rows computed before a failure are still written (resume keeps them)
+            finally:
+                bar.close()
+        loop_s = time.perf_counter() - loop_started
         writer.finalize()
     wall = time.perf_counter() - started
     stats = {
@@ -159,8 +303,27 @@ def precompute_shard(
         "skipped": n_skipped,
         "frames": int(sum(len(frames[r]) for b in batches for r in b)),
         "wall_s": wall,
-        "encode_s": encode_s,
+        "encode_s": compute_s,
         "samples_per_s": n_done / wall if wall > 0 else 0.0,
+        "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "setup_s": loop_started - started,  # encoder build + weights + partial file, before the first batch
+        "loop_s": loop_s,
+        "loop_samples_per_s": n_done / loop_s if loop_s > 0 else 0.0,
+        # The main thread's loop time: waiting for decoded frames (data_wait), running (CPU) or launching
+        # (GPU) the encoder (compute), blocked on a full writer queue (write_wait; on a GPU this also holds
+        # the wait for the GPU, as the writer waits for each batch's copy back). device_busy: the GPU time
+        # of the batches (CPU: = compute); device_busy / loop_s is the device's utilisation. writer_hdf5:
+        # the writer thread's own time, overlapped with the loop.
+        "time_split_s": {
+            "data_wait": prefetch.data_wait_s,
+            "compute": compute_s,
+            "write_wait": background.wait_s,
+            "device_busy": background.device_s if device.type == "cuda" else compute_s,
+            "writer_hdf5": background.hdf5_s,
+        },
     }
     log.info("precompute %s: %s", stats["shard"], stats)
     return stats

@@ -259,6 +259,7 @@ def write_report(
     host: dict | None = None,
 ) -> pd.DataFrame:
     """Collect, then write report.md, report.csv and timing.png; returns the stage table."""
+    from vlnflow.report.per_gpu import per_gpu_markdown
     from vlnflow.report.plot import plot_timing
 
     runs = load_runs(inputs)
@@ -273,6 +274,7 @@ def write_report(
         raise UserError("no sample index and no benchmark.projected_samples: nothing to project to")
     proj = projection(table, runs, samples, gpus)
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
+    text += per_gpu_markdown(inputs.precompute_stats)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)
