@@ -273,6 +273,9 @@ def write_report(
         raise UserError("no sample index and no benchmark.projected_samples: nothing to project to")
     proj = projection(table, runs, samples, gpus)
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
+    from vlnflow.report.cache_decision import cache_decision_markdown
+
+    text += cache_decision_markdown(table, runs, samples, gpus, source)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)
