@@ -49,6 +49,10 @@ FP8_MAX = 448.0  # largest finite torch.float8_e4m3fn value: a row's absmax maps
 ROUND_TRIP_BOUND = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 0.0, "float8_e4m3": 0.07}
 
 
+# float32 value of every e4m3fn bit pattern (exact); FeatureStore dequantises with it per read.
+_FP8_TO_FLOAT32 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
 def bytes_per_sample(tokens: int, channels: int, dtype: str) -> int:
     """Stored bytes of one [P, C] feature map (values plus per-row scales), before compression."""
     return tokens * channels * BYTES_PER_VALUE[dtype] + (tokens * 4 if dtype in SCALED else 0)
@@ -63,11 +67,22 @@ def encode(features: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray |
     """(values, per-row scales or None) to store for `features` [..., P, C]."""
     if dtype not in SCALED:
         return to_storage(features, dtype), None
-    x = features.detach().float()  # quantised on the tensor's own device (a GPU batch stays on the GPU)
+    q, scale = quantize_fp8(features)
+    return q.view(torch.uint8).cpu().numpy(), scale.cpu().numpy()
+
+
+def quantize_fp8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., P, C] -> (float8_e4m3fn values, float32 scales [..., P]) on the tensor's own device
+    (a GPU batch is quantised on the GPU: the CPU cast is ~10x slower)."""
+    x = features.detach().float()
     scale = fp8_scales(x)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero row: 0 / 1 = 0, never 0 / 0
-    q = (x / safe.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8).cpu().numpy(), scale.cpu().numpy()
+    return (x / safe.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The same values `decode` gives, computed with torch ops on q's device (bf16)."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(torch.bfloat16)
 
 
 def decode(values: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
@@ -76,8 +91,9 @@ def decode(values: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> t
         return from_storage(values, dtype)
     if scale is None:
         raise ValueError(f"cache.dtype '{dtype}' needs the per-row scales (/{SCALE})")
-    q = torch.from_numpy(np.ascontiguousarray(values)).view(torch.float8_e4m3fn).float()
-    return (q * torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).unsqueeze(-1)).to(torch.bfloat16)
+    out = _FP8_TO_FLOAT32[values]  # a 256-entry table: 3x faster than torch's float8 -> float32 cast on CPU
+    out *= np.asarray(scale, dtype=np.float32)[..., None]
+    return torch.from_numpy(out).to(torch.bfloat16)
 
 
 def nonzero_rows(values: np.ndarray, dtype: str) -> np.ndarray:
