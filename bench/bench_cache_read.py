@@ -90,8 +90,10 @@ def build(root: Path, samples: int, shards: int, grid: int, channels: int, dtype
 
 def _rank(manifest: str, ids: list[str], workers: int, barrier, results) -> None:
     torch.set_num_threads(1)
+    # fork workers, as the trainer's DataLoader gets on Linux: a spawned rank would otherwise spawn its
+    # workers too (the child inherits the start method), each re-importing torch inside the timed pass
     loader = DataLoader(Reads(FeatureStore(manifest), ids), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None)  # fmt: skip
+                        prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None)  # fmt: skip
     barrier.wait()
     start = time.time()
     n = sum(1 for _ in loader)
