@@ -152,6 +152,7 @@ def test_rerun_with_nothing_changed_runs_nothing(wf):
         {"spatial": {"reference_frame": "first"}},
         {"spatial": {"dtype": "float32"}},
         {"cache": {"dtype": "float16"}},
+        {"cache": {"dtype": "float8_e4m3"}},
     ],
     ids=lambda c: ".".join(next((k, *v) for k, v in c.items())),
 )

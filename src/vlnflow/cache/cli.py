@@ -11,21 +11,30 @@ from vlnflow.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    cache = subparsers.add_parser("cache", help="feature cache: estimate its size before building it")
+    cache = subparsers.add_parser("cache", help="feature cache: its size, and whether it pays against training live")
     sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
     est = sub.add_parser(
         "estimate",
-        help="bytes, file count and GPU-hours for the configured data set",
-        description="Print what `snakemake precompute_all` will write, before anything runs.",
+        help="bytes, GPU-hours, epoch times cached vs live, break-even epochs for the configured data set",
+        description="Print what `snakemake precompute_all` will write and cost, and when the cache pays against "
+        "training with live VGGT (train.cache: null), before anything runs.",
     )
     est.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
     est.add_argument("--samples", type=int, help="number of samples (default: rows of results/index/samples.parquet)")
     est.add_argument("--index", default="results/index/samples.parquet", help="index to count samples from")
-    est.add_argument("--samples-per-s", type=float, help="measured encoder throughput per GPU (bench/bench_spatial.py)")
+    est.add_argument("--samples-per-s", type=float, help="precompute rate per GPU to use instead of the measured one")
+    est.add_argument("--epochs", type=float, default=1.0, help="epochs you plan per run (default 1)")
+    est.add_argument("--runs", type=int, default=1, help="training runs over the same data, e.g. a sweep (default 1)")
+    est.add_argument("--gpus", type=int, help="GPUs for training and precompute (default: cluster.nodes x gpus_per_node)")
+    est.add_argument("--results", default="results", help="where this workspace's measurements live (default: results)")
+    est.add_argument("--docs-rates", action="store_true", help="ignore this workspace's measurements, use docs/benchmarks.md's")
     est.set_defaults(func=run_estimate)
 
 
 def run_estimate(args: argparse.Namespace) -> int:
+    from vlnflow.cache.decision import Decision, choose_rates
+    from vlnflow.spatial.fingerprint import spatial_output
+
     config = load_config(args.config)
     samples = args.samples
     if samples is None:
@@ -35,9 +44,16 @@ def run_estimate(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         samples = pq.ParquetFile(index).metadata.num_rows
-    from vlnflow.spatial.fingerprint import spatial_output
-
+    for name in ("epochs", "runs", "gpus"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
     grid, channels = spatial_output(config["spatial"])
-    est = estimate(samples, grid, channels, config["cache"]["dtype"], config["shards"]["count"], args.samples_per_s)
-    print("\n".join(est.lines()))
+    rates, notes = choose_rates(config, args.results, use_workspace=not args.docs_rates, precompute_override=args.samples_per_s)
+    est = estimate(samples, grid, channels, config["cache"]["dtype"], config["shards"]["count"], rates["precompute"].per_gpu)
+    gpus = args.gpus or config["cluster"]["nodes"] * config["cluster"]["gpus_per_node"]
+    decision = Decision(samples, gpus, args.epochs, args.runs, rates, cache_bytes=est.total_bytes)
+    lines = [line for line in est.lines() if not line.startswith("GPU time")] + decision.lines()
+    lines += [f"left out           {note}" for note in notes]
+    print("\n".join(lines))
     return 0

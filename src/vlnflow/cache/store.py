@@ -54,13 +54,18 @@ class FeatureStore:
         return self._handles[i]
 
     def get(self, sample_id: str) -> torch.Tensor | None:
-        """The [P, C] feature map (stored precision), or None if the cache lacks this sample."""
+        """The [P, C] feature map, or None if the cache lacks this sample.
+
+        bf16 / fp16 / fp32 caches return the stored precision; a float8_e4m3 cache is dequantised
+        (value x its row's scale) to bf16 here, so the merger never sees fp8."""
         loc = self._index.get(sample_id)
         if loc is None:
             return None
         file_i, row = loc
-        array = self._handle(int(file_i))[fmt.FEATURES][int(row)]
-        return fmt.from_storage(array, self.dtype)
+        f = self._handle(int(file_i))
+        array = f[fmt.FEATURES][int(row)]
+        scale = f[fmt.SCALE][int(row)] if self.dtype in fmt.SCALED else None
+        return fmt.decode(array, self.dtype, scale)
 
     def close(self) -> None:
         for h in self._handles.values():

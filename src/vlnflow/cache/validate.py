@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 SPOT_CHECK_TOLERANCE = 2e-2
 
 
+def spot_check_tolerance(dtype: str) -> float:
+    """The live-recompute tolerance for a cache stored as `dtype`: the kernels' 2e-2 (which already covers
+    bf16 / fp16 rounding) plus, for float8_e4m3, its guaranteed per-row round-trip bound."""
+    return SPOT_CHECK_TOLERANCE + (fmt.ROUND_TRIP_BOUND[dtype] if dtype in fmt.SCALED else 0.0)
+
+
 def _quarantine(path: Path, quarantine_dir: Path) -> Path:
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     target = quarantine_dir / f"{path.stem}.{int(time.time())}{path.suffix}"
@@ -54,8 +60,20 @@ def _check_structure(f: h5py.File, expected_ids: list[str], expected: dict, prob
     want_shape = (len(expected_ids), int(attrs["grid_h"]) * int(attrs["grid_w"]), int(attrs["channels"]))
     if ds.shape != want_shape:
         problems.append(f"features shape {ds.shape} != {want_shape}")
+    if attrs["dtype"] not in fmt.STORAGE_NUMPY:
+        problems.append(f"unknown storage dtype {attrs['dtype']!r}")
+        return
     if ds.dtype != np.dtype(fmt.STORAGE_NUMPY[attrs["dtype"]]):
         problems.append(f"features dtype {ds.dtype} does not store {attrs['dtype']}")
+    if attrs["dtype"] in fmt.SCALED:
+        scale = f.get(fmt.SCALE)
+        if scale is None or scale.shape != want_shape[:2] or scale.dtype != np.float32:
+            got = "missing" if scale is None else f"{scale.shape} {scale.dtype}"
+            problems.append(f"/{fmt.SCALE} must be float32 {want_shape[:2]} for {attrs['dtype']}, got {got}")
+    bound = fmt.ROUND_TRIP_BOUND[attrs["dtype"]]
+    worst = float(attrs.get("max_row_rel_error", 0.0))
+    if worst > bound * 1.0001 + 1e-7:  # what the writer measured against the encoder output
+        problems.append(f"round-trip error {worst:.3g} (worst token row, relative) exceeds the {attrs['dtype']} bound {bound:.3g}")
     if "feature_shape" in expected and tuple(ds.shape[1:]) != tuple(expected["feature_shape"]):
         problems.append(f"feature shape {ds.shape[1:]} != configured {tuple(expected['feature_shape'])}")
     ids = list(f[fmt.SAMPLE_ID].asstr()[...])
@@ -73,16 +91,23 @@ def _check_values(f: h5py.File, problems: list[str]) -> None:
     """Read every chunk once: fletcher32 catches corruption, and values must be finite."""
     ds, dtype = f[fmt.FEATURES], f.attrs["dtype"]
     errors = f[fmt.ERROR].asstr()[...]
-    bad_rows = []
+    bad_rows, bad_scales = [], []
     for row in range(ds.shape[0]):
         if errors[row]:
             continue
-        values = fmt.from_storage(ds[row], dtype)
+        raw = ds[row]
+        scale = f[fmt.SCALE][row] if dtype in fmt.SCALED else None
+        values = fmt.decode(raw, dtype, scale)
         if not torch.isfinite(values).all():
             bad_rows.append(row)
+        # a scale is absmax / 448: finite and >= 0, and 0 only for a row stored as all zeros
+        if scale is not None and (not np.isfinite(scale).all() or (scale < 0).any() or fmt.nonzero_rows(raw, dtype)[scale == 0].any()):
+            bad_scales.append(row)
+    ids = f[fmt.SAMPLE_ID].asstr()[...]
     if bad_rows:
-        ids = f[fmt.SAMPLE_ID].asstr()[...]
         problems.append(f"NaN/Inf in {len(bad_rows)} samples, e.g. {[ids[r] for r in bad_rows[:5]]}")
+    if bad_scales:
+        problems.append(f"invalid per-row scales in {len(bad_scales)} samples, e.g. {[ids[r] for r in bad_scales[:5]]}")
 
 
 def _spot_check(f: h5py.File, table: pd.DataFrame, config: dict, encoder, k: int, seed: int) -> dict:
@@ -94,16 +119,19 @@ def _spot_check(f: h5py.File, table: pd.DataFrame, config: dict, encoder, k: int
     rows = sorted(random.Random(seed).sample(candidates, min(k, len(candidates))))
     root = Path(config["dataset"]["root"])
     size = config["spatial"]["image_size"]
-    worst, checked = 0.0, []
+    dtype = f.attrs["dtype"]
+    worst, worst_row, checked = 0.0, 0.0, []
     for row in rows:
         frames = torch.stack([load_frame(root / rel, size) for rel in table.frames.iloc[row]])
         with torch.inference_mode():
             live = encoder.encode(frames[None].to(encoder.device))[0].float().cpu()
-        stored = fmt.from_storage(f[fmt.FEATURES][row], f.attrs["dtype"]).float()
+        scale = f[fmt.SCALE][row] if dtype in fmt.SCALED else None
+        stored = fmt.decode(f[fmt.FEATURES][row], dtype, scale).float()
         rel = ((stored - live).norm() / live.norm().clamp_min(1e-12)).item()
-        worst = max(worst, rel)
-        checked.append({"sample_id": table.sample_id.iloc[row], "rel_err": rel})
-    return {"checked": checked, "worst_rel_err": worst}
+        row_rel = fmt.row_rel_error(stored, live).max().item()
+        worst, worst_row = max(worst, rel), max(worst_row, row_rel)
+        checked.append({"sample_id": table.sample_id.iloc[row], "rel_err": rel, "worst_row_rel_err": row_rel})
+    return {"checked": checked, "worst_rel_err": worst, "worst_row_rel_err": worst_row}
 
 
 def validate_shard(
@@ -138,9 +166,12 @@ def validate_shard(
                     encoder = SpatialEncoder.from_config(config["spatial"])
                 spot = _spot_check(f, table, config, encoder, k, seed=zlib.crc32(h5_path.stem.encode()))
                 report["spot_check"] = spot
-                if spot["worst_rel_err"] > SPOT_CHECK_TOLERANCE:
+                tolerance = spot_check_tolerance(f.attrs["dtype"])
+                spot["tolerance"] = tolerance
+                if spot["worst_rel_err"] > tolerance:
                     problems.append(
-                        f"live recompute differs: worst relative error {spot['worst_rel_err']:.3g} > {SPOT_CHECK_TOLERANCE}"
+                        f"live recompute differs: worst relative error {spot['worst_rel_err']:.3g} > {tolerance:.3g} "
+                        f"(cache.dtype {f.attrs['dtype']})"
                     )
     except (OSError, KeyError, ValueError) as exc:
         problems.append(f"unreadable or corrupt: {type(exc).__name__}: {exc}")
@@ -189,7 +220,7 @@ def validate_cache(
         "shards": len(reports),
         "spot_checked": int(sum(len(r.get("spot_check", {}).get("checked", [])) for r in reports)),
         "worst_spot_rel_err": worst,
-        "tolerance": SPOT_CHECK_TOLERANCE,
+        "tolerance": spot_check_tolerance(manifest.get("dtype", "bfloat16")),
         "encoder_fingerprint": expected_fingerprint,
         "problems": problems,
     }

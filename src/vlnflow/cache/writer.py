@@ -101,6 +101,8 @@ class ShardWriter:
             fletcher32=True,  # a flipped or truncated chunk fails to read instead of returning garbage
             **fmt.h5_compression(compression),
         )
+        if self.dtype in fmt.SCALED:
+            f.create_dataset(fmt.SCALE, shape=(n, p), dtype=np.float32, chunks=(1, p) if n else None, fletcher32=True)
         f.create_dataset(fmt.SAMPLE_ID, data=np.array(self.sample_ids, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset(fmt.DONE, data=np.zeros(n, dtype=bool))
         f.create_dataset(fmt.ERROR, data=np.array([""] * n, dtype=object), dtype=h5py.string_dtype())
@@ -108,6 +110,7 @@ class ShardWriter:
             f.attrs[key] = value
         f.attrs["complete"] = False
         f.attrs["max_abs_cast_error"] = 0.0
+        f.attrs["max_row_rel_error"] = 0.0  # worst per-row relative round-trip error; validation bounds it per dtype
         f.flush()
         return f
 
@@ -124,13 +127,26 @@ class ShardWriter:
         if not torch.isfinite(features).all():
             bad = [self.sample_ids[r] for r, ok in zip(rows, torch.isfinite(features).flatten(1).all(1)) if not ok]
             raise FloatingPointError(f"non-finite features for samples {bad} in {self.final_path.name}")
-        stored = fmt.to_storage(features, self.dtype)
-        if self.dtype != "bfloat16" or features.dtype != torch.bfloat16:
-            err = (fmt.from_storage(stored, self.dtype).float() - features.float()).abs().max().item()
-            self.file.attrs["max_abs_cast_error"] = max(float(self.file.attrs["max_abs_cast_error"]), err)
+        scale, ref = None, features
+        if self.dtype in fmt.SCALED:  # quantised and checked on the features' device (GPU in precompute)
+            q, scale_t = fmt.quantize_fp8(features)
+            # the round-trip check: every sample on a GPU; on the CPU, where it costs more than the cast, the first
+            checked = len(rows) if q.device.type != "cpu" else 1
+            back, ref = fmt.dequantize_fp8(q[:checked], scale_t[:checked]), features[:checked]
+            stored, scale = q.view(torch.uint8).cpu().numpy(), scale_t.cpu().numpy()
+        else:
+            stored = fmt.to_storage(features, self.dtype)
+            back = fmt.from_storage(stored, self.dtype) if features.dtype != torch.bfloat16 or self.dtype != "bfloat16" else None
+        if back is not None:  # bf16 in, bf16 stored is exact: nothing to measure
+            back, ref = back.float(), ref.detach().float().to(back.device)
+            attrs = self.file.attrs
+            attrs["max_abs_cast_error"] = max(float(attrs["max_abs_cast_error"]), (back - ref).abs().max().item())
+            attrs["max_row_rel_error"] = max(float(attrs.get("max_row_rel_error", 0.0)), fmt.row_rel_error(back, ref).max().item())
         ds = self.file[fmt.FEATURES]
         for k, row in enumerate(rows):
             ds[row] = stored[k]
+            if scale is not None:
+                self.file[fmt.SCALE][row] = scale[k]
         self.file.flush()
         done = self.file[fmt.DONE]
         for row in rows:
