@@ -41,6 +41,8 @@ def test_train_without_cache_plans_no_cache_job(live_workflow):
     planned = rules_run(dry)
     assert "train" in planned and "index" in planned
     assert planned.isdisjoint(CACHE_RULES), planned
+    everything = rules_run(live_workflow.snakemake("-n", "all"))  # `all` (export, report) asks for no cache either
+    assert {"train", "export", "benchmark_report"} <= everything and everything.isdisjoint(CACHE_RULES), everything
 
     live_workflow.configure({"train": {"cache": "results/cache/manifest.json"}})
     cached = rules_run(live_workflow.snakemake("-n", "train"))

@@ -45,19 +45,21 @@ def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
 
         shards = shard_names(checkpoints) if rules.has("shard") else []
         run = config.get("train", {}).get("run")
+        live_only = config.get("train", {}).get("cache", "") is None  # train.cache: null builds no cache
+        cache_rules = {"precompute_shard", "validate_shard", "merge_manifest", "validate_cache"}
         out: dict[str, list[str]] = {}
         for stage, names in STAGE_RULES.items():
             out[stage] = [
                 path
                 for name in names
-                if rules.has(name) and getattr(rules, name).rule.benchmark is not None
+                if rules.has(name) and getattr(rules, name).rule.benchmark is not None and not (live_only and name in cache_rules)
                 for path in fill(str(getattr(rules, name).benchmark), shards, run)
             ]
         out["samples"] = [str(rules.index.output.samples)] if rules.has("index") else []
         out["precompute_stats"] = (
-            fill(str(rules.precompute_shard.output.stats), shards, run) if rules.has("precompute_shard") else []
+            fill(str(rules.precompute_shard.output.stats), shards, run) if rules.has("precompute_shard") and not live_only else []
         )
-        out["manifest_json"] = [str(rules.merge_manifest.output.json)] if rules.has("merge_manifest") else []
+        out["manifest_json"] = [str(rules.merge_manifest.output.json)] if rules.has("merge_manifest") and not live_only else []
         train = fill(TRAIN_METRICS, shards, run)
         out["train_metrics"] = [p for p in train if produced(p)]
         live = []

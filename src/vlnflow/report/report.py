@@ -259,6 +259,7 @@ def write_report(
     host: dict | None = None,
 ) -> pd.DataFrame:
     """Collect, then write report.md, report.csv and timing.png; returns the stage table."""
+    from vlnflow.report.cache_decision import cache_decision_markdown
     from vlnflow.report.per_gpu import per_gpu_markdown
     from vlnflow.report.plot import plot_timing
 
@@ -275,8 +276,6 @@ def write_report(
     proj = projection(table, runs, samples, gpus)
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
     text += per_gpu_markdown(inputs.precompute_stats)
-    from vlnflow.report.cache_decision import cache_decision_markdown
-
     text += cache_decision_markdown(table, runs, samples, gpus, source)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
