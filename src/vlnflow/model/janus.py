@@ -56,6 +56,26 @@ class JanusModel(nn.Module):
         enable = getattr(self.qwen, "activation_checkpointing_enable", None) or self.qwen.gradient_checkpointing_enable
         enable(**kwargs)
 
+    def checkpoint_layers(self, indices) -> None:
+        """Selective checkpointing: recompute only the LLM decoder layers in `indices` (None or empty: none).
+
+        transformers' per-layer flag `gradient_checkpointing` is set after enabling it for all, so a
+        plan from vlnflow.train.memory_plan applies whatever `every_n_layers` this transformers has.
+        """
+        chosen = set(indices or ())
+        layers = self.qwen.model.language_model.layers
+        if not chosen:
+            return
+        if not chosen <= set(range(len(layers))):
+            raise ValueError(f"checkpoint layers {sorted(chosen)} outside the {len(layers)} decoder layers")
+        options = {"use_reentrant": False}
+        if hasattr(self.qwen, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            self.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in chosen
+
     # ---- pieces -------------------------------------------------------------------------
     def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, vision: dict | None = None) -> torch.Tensor:
         """[image tokens, hidden] from Qwen's vision tower, images in batch order.
