@@ -16,6 +16,8 @@ plus each side's error against a float32 reference where one fits, and median mi
 
     PYTHONPATH=src python3 bench/check_kernels.py --out $OUT        # needs CUDA sm90+ and the gpu extra
     PYTHONPATH=src python3 bench/check_kernels.py --only llm_varlen,vggt_frame --out $OUT
+    PYTHONPATH=src python3 bench/check_kernels.py --cpu-smoke --out /tmp/ck   # this script's own smoke test:
+        shapes / 16, on CPU, the CURRENT kernels standing in for flash-attn-4 (errors are then 0; no fa4 check)
 
 Exit status 1 when flash-attn-4 cannot run here (the reason is printed), or when a kernel's error exceeds
 --tol (rms relative, default 2e-2: bf16 attention outputs agree to ~4e-3).
@@ -33,6 +35,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vlnflow import fa4
 from vlnflow.model.varlen import _padded_sdpa, varlen_attention
@@ -44,8 +47,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_rel": ((a - b).abs().max() / b.abs().max()).item(), "rms_rel": ((a - b).norm() / b.norm()).item()}
 
 
+SCALE = 1  # --cpu-smoke divides the token counts by 16
+DEVICE = "cuda"
+
+
+def n(tokens: int) -> int:
+    return max(8, tokens // SCALE)
+
+
 def ms(fn, iters: int = 5) -> float:
     fn()
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
     torch.cuda.synchronize()
     out = []
     for _ in range(iters):
@@ -88,7 +103,8 @@ def compare(name, shape, current, flash, inputs, *, backward: bool, reference=No
             torch.autograd.grad(f(*ls), ls, grad)
         row["ms_current_fwd_bwd"] = ms(lambda: fwd_bwd(current))
         row["ms_fa4_fwd_bwd"] = ms(lambda: fwd_bwd(flash))
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -105,7 +121,7 @@ def qkv(total, hq, hkv, d, dev, *, batch=None):
 
 
 def case_llm(dev):
-    cu, mx = segments([5310, 5290, 5335, 5301], dev)
+    cu, mx = segments([n(5310), n(5290), n(5335), n(5301)], dev)
     q, k, v = qkv(int(cu[-1]), 28, 4, 128, dev)
     scale = 128**-0.5
     return compare(
@@ -118,7 +134,8 @@ def case_llm(dev):
 
 
 def case_vision(dev, window: bool):
-    lengths = [64] * (9 * 2116 // 64) + ([9 * 2116 % 64] if 9 * 2116 % 64 else []) if window else [2116] * 9
+    patches = n(2116)
+    lengths = [64] * (9 * patches // 64) + ([9 * patches % 64] if 9 * patches % 64 else []) if window else [patches] * 9
     cu, mx = segments(lengths, dev)
     q, k, v = qkv(int(cu[-1]), 16, 16, 80, dev)
     scale = 80**-0.5
@@ -133,7 +150,7 @@ def case_vision(dev, window: bool):
 
 
 def case_vggt(dev, which: str):
-    t, frames, batch = 2121, 9, 16
+    t, frames, batch = n(2121), 9, 16 // SCALE or 1
     if which == "frame":
         q, k, v = qkv(t, 16, 16, 64, dev, batch=batch * frames)
         return compare("vggt_frame", "144 frames x 2121 tok, 16 heads, hd64", lambda *x: attend(*x, "sdpa"),
@@ -151,18 +168,22 @@ def case_vggt(dev, which: str):
 def case_encoder(dev):
     from vlnflow.spatial import SpatialEncoder
 
-    enc = SpatialEncoder.from_config({"preset": "vggt-1b", "image_size": 644, "device": "cuda", "attention": "sdpa"}, compile_blocks=False)
-    images = torch.rand(12, 3, 644, 644, device=dev)
+    preset, size = ("vggt-1b", 644) if SCALE == 1 else ("tiny", 56)
+    enc = SpatialEncoder.from_config({"preset": preset, "image_size": size, "device": DEVICE, "attention": "sdpa"}, compile_blocks=False)
+    images = torch.rand(12, 3, size, size, device=dev)
     index = torch.arange(36).remainder(12).view(4, 9)
     base = enc.encode_indexed(images, index)
     t_sdpa = ms(lambda: enc.encode_indexed(images, index), 3)
-    enc.configure(attention=fa4.FA4)
+    if DEVICE == "cuda":
+        enc.attention_kernel_for(fa4.FA4)  # a UserError saying why, if it cannot run
+    enc.model.attention_kernel = fa4.FA4
     got = enc.encode_indexed(images, index)
     t_fa4 = ms(lambda: enc.encode_indexed(images, index), 3)
     row = {"kernel": "encoder", "shape": "VGGT-1B random, 644px, B=4 x 9 frames (eager)", "out": rel(got, base),
            "ms_current_fwd": t_sdpa, "ms_fa4_fwd": t_fa4}
     del enc
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -177,7 +198,7 @@ def case_janus(dev):
     results = {}
     for kernel in ("torch", fa4.FA4):
         torch.manual_seed(0)
-        model = build_model({**cfg, "attention": "torch"}, 12, (4, 4), device=dev).train()
+        model = build_model({**cfg, "attention": "torch"}, 12, (4, 4), device=dev, dtype=torch.bfloat16).train()
         use_packed_attention(model.qwen, kernel)
         use_varlen_vision_attention(model.visual, kernel)
         loss = model(batch)
@@ -187,6 +208,17 @@ def case_janus(dev):
     (lc, mc, qc), (lf, mf, qf) = results["torch"], results[fa4.FA4]
     return {"kernel": "janus_tiny", "shape": "tiny preset, bf16, packed batch of 3", "out": rel(lf[None], lc[None]),
             "grads": {"merger": rel(mf, mc), "q_proj_layer0": rel(qf, qc)}}
+
+
+def _stand_in_current_kernels() -> None:
+    """--cpu-smoke: route vlnflow.fa4's two calls to the current kernels (same layouts), for a CPU dry run."""
+
+    def dense(q, k, v, *, causal=False, scale=None):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                              scale=scale, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+    fa4.dense = dense
+    fa4.varlen = lambda q, k, v, cu, mx, *, causal, scale=None: varlen_attention(q, k, v, cu, mx, causal=causal, scale=scale)
 
 
 CASES = {
@@ -206,15 +238,20 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma list of cases (default all)")
     ap.add_argument("--tol", type=float, default=2e-2, help="largest acceptable rms relative error")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/check_kernels"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="smoke-test this script on CPU (no flash-attn-4 involved)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    dev = torch.device("cuda")
-    reason = fa4.unavailable_reason(dev)
+    global SCALE, DEVICE
+    if args.cpu_smoke:
+        SCALE, DEVICE = 16, "cpu"
+        _stand_in_current_kernels()
+    dev = torch.device(DEVICE)
+    reason = None if args.cpu_smoke else fa4.unavailable_reason(dev)
     if reason:
         print(f"flash-attn-4 cannot run here: {reason}")
         return 1
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "command": " ".join(sys.argv), "rows": []}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": [],
+              "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke: current kernels stand in for fa4)"}
     wanted = [c for c in args.only.split(",") if c] or list(CASES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
