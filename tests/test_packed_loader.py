@@ -94,6 +94,10 @@ def test_worker_batch_equals_in_process_batch_and_model_metadata(setup):
     assert_same(batch["vision"], vision_kwargs(reference["image_grid_thw"], model.visual.config))
     image = reference["input_ids"][0] == model.qwen.config.image_token_id
     assert torch.equal(batch["image_positions"], image.nonzero().squeeze(1)) and batch["image_tokens"] == int(image.sum())
+    per_map = model.merger.tokens_per_map(GRID)
+    sample, token = batch["spatial_index"]
+    assert torch.equal(sample, reference["image_sample_index"].repeat_interleave(per_map))
+    assert torch.equal(token, torch.arange(per_map).repeat(len(reference["image_grid_thw"])))
 
 
 def test_worker_batch_gives_the_same_loss_and_gradients(setup):

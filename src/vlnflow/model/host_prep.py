@@ -8,6 +8,7 @@ batch is on the GPU, device->host reads (`.tolist()`, `.cpu()`, `int(mask.sum())
 stall the stream. `add_host_metadata(batch, qwen_config)` adds them to a CPU batch:
 
   position_ids [4, 1, T], image_positions [N] (indices of image tokens), image_tokens int,
+  spatial_index ([N] sample, [N] merged-token) gathering each image token's spatial feature,
   vision {cu_seqlens, max_seqlen, window_index, cu_window_seqlens, max_window_seqlen, position_ids}
 
 The model uses them when present and computes them itself otherwise (same values, tested).
@@ -89,6 +90,12 @@ def add_host_metadata(batch: dict, qwen_config) -> dict:
     batch["image_positions"] = image.nonzero().squeeze(1)
     batch["image_tokens"] = int(image.sum())
     batch["vision"] = vision_kwargs(batch["image_grid_thw"], qwen_config.vision_config)
+    merge = qwen_config.vision_config.spatial_merge_size
+    per_image = (batch["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+    batch["spatial_index"] = (
+        batch["image_sample_index"].repeat_interleave(torch.tensor(per_image)),
+        torch.cat([torch.arange(n) for n in per_image]) if per_image else torch.zeros(0, dtype=torch.long),
+    )
     return batch
 
 
@@ -98,8 +105,8 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> d
     def move(key, value):
         if isinstance(value, dict):
             return {k: move(k, v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [move(key, v) for v in value]
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(key, v) for v in value)
         if torch.is_tensor(value) and key not in HOST_KEYS:
             return value.to(device, non_blocking=non_blocking)
         return value

@@ -88,8 +88,11 @@ class JanusModel(nn.Module):
         return torch.cat(out.pooler_output, dim=0)
 
     def spatial_embeddings(self, spatial_features: torch.Tensor, image_grid_thw: torch.Tensor,
-                           image_sample_index: torch.Tensor) -> torch.Tensor:
-        """merger(features of sample i) for every image token of sample i: [image tokens, hidden]."""
+                           image_sample_index: torch.Tensor, spatial_index: tuple | None = None) -> torch.Tensor:
+        """merger(features of sample i) for every image token of sample i: [image tokens, hidden].
+
+        `spatial_index`: the (sample, token) gather index precomputed by host_prep (else built here).
+        """
         per_map = self.merger.tokens_per_map(self.spatial_grid)
         merge = self.visual.spatial_merge_size
         per_image = (image_grid_thw.prod(-1) // (merge * merge)).tolist()
@@ -99,8 +102,11 @@ class JanusModel(nn.Module):
                 f"spatial feature grid {self.spatial_grid} gives {per_map}: model.image_size must match spatial.image_size"
             )
         merged = self.merger(spatial_features, self.spatial_grid)  # [B, per_map, hidden]
-        sample = image_sample_index.to(merged.device).repeat_interleave(per_map)
-        token = torch.arange(per_map, device=merged.device).repeat(len(per_image))
+        if spatial_index is None:
+            sample = image_sample_index.to(merged.device).repeat_interleave(per_map)
+            token = torch.arange(per_map, device=merged.device).repeat(len(per_image))
+        else:
+            sample, token = (i.to(merged.device) for i in spatial_index)
         return merged[sample, token]
 
     def position_ids(self, batch: dict) -> torch.Tensor:
@@ -119,7 +125,7 @@ class JanusModel(nn.Module):
         image = self.image_embeddings(batch["pixel_values"], batch["image_grid_thw"], batch.get("vision"))
         if self.lam:
             spatial = self.spatial_embeddings(
-                batch["spatial_features"], batch["image_grid_thw"], batch["image_sample_index"]
+                batch["spatial_features"], batch["image_grid_thw"], batch["image_sample_index"], batch.get("spatial_index")
             )
             image = image + self.lam * spatial.to(image.dtype)
         positions = batch.get("image_positions")

@@ -93,8 +93,8 @@ def _pinned(value):
     """Pinned copies of CPU tensors (a no-op for those the DataLoader already pinned)."""
     if isinstance(value, dict):
         return {k: _pinned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_pinned(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pinned(v) for v in value)
     if torch.is_tensor(value) and value.device.type == "cpu" and not value.is_pinned():
         return value.pin_memory()
     return value
@@ -104,7 +104,7 @@ def _record_stream(value, stream) -> None:
     if isinstance(value, dict):
         for v in value.values():
             _record_stream(v, stream)
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):
         for v in value:
             _record_stream(v, stream)
     elif torch.is_tensor(value) and value.is_cuda:
