@@ -13,6 +13,8 @@ plus each side's error against a float32 reference where one fits, and median mi
   vggt_last       the kept layer: last frame's queries over all 9 frames (fwd)
   encoder         SpatialEncoder.encode_indexed, VGGT-1B random init, 644 px, B=4: features sdpa vs fa4
   janus_tiny      JanusModel (tiny preset, bf16 on GPU) loss and gradients, model.attention torch vs fa4
+  janus_sync      the same model's forward + backward on a worker-packed batch (host_prep metadata) under
+                  torch.cuda.set_sync_debug_mode("warn"): every device->host sync, with where it happens
 
     PYTHONPATH=src python3 bench/check_kernels.py --out $OUT        # needs CUDA sm90+ and the gpu extra
     PYTHONPATH=src python3 bench/check_kernels.py --only llm_varlen,vggt_frame --out $OUT
@@ -210,6 +212,32 @@ def case_janus(dev):
             "grads": {"merger": rel(mf, mc), "q_proj_layer0": rel(qf, qc)}}
 
 
+def case_sync(dev):
+    import warnings
+
+    from fwdbwd import tiny_janus_batch  # noqa: PLC0415 - same folder
+
+    from vlnflow.model.host_prep import add_host_metadata, to_device
+    from vlnflow.model.loading import build_model
+
+    cfg, batch = tiny_janus_batch("cpu")
+    model = build_model({**cfg, "attention": fa4.FA4}, 12, (4, 4), device=dev, dtype=torch.bfloat16).train()
+    batch = to_device(add_host_metadata(batch, model.qwen.config), dev)
+    model(batch).backward()  # warm-up (JIT, allocator)
+    torch.cuda.synchronize()
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: found.append(
+            {"message": str(message)[:160], "stack": [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-9:-1]]})
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(batch).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return {"kernel": "janus_sync", "shape": "tiny, worker-packed batch, fa4", "syncs": len(found), "sync_sites": found[:10]}
+
+
 def _stand_in_current_kernels() -> None:
     """--cpu-smoke: route vlnflow.fa4's two calls to the current kernels (same layouts), for a CPU dry run."""
 
@@ -230,6 +258,7 @@ CASES = {
     "vggt_last": lambda d: case_vggt(d, "last"),
     "encoder": case_encoder,
     "janus_tiny": case_janus,
+    "janus_sync": case_sync,
 }
 
 
@@ -252,7 +281,7 @@ def main() -> int:
         return 1
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": [],
               "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke: current kernels stand in for fa4)"}
-    wanted = [c for c in args.only.split(",") if c] or list(CASES)
+    wanted = [c for c in args.only.split(",") if c] or [c for c in CASES if not (args.cpu_smoke and c == "janus_sync")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bad = []
@@ -276,6 +305,10 @@ def main() -> int:
     for r in report["rows"]:
         if "error" in r:
             print(f"{r['kernel']:14} ERROR {r['error'][:110]}")
+            continue
+        if "syncs" in r:
+            print(f"{r['kernel']:14} {r['syncs']} device->host syncs in forward+backward" +
+                  "".join(f"\n    {s['stack'][-1]}" for s in r["sync_sites"]))
             continue
         o = r["out"]
         g = " ".join(f"{v['rms_rel']:.1e}" for v in r.get("grads", {}).values()) or "-"
