@@ -13,8 +13,9 @@ plus each side's error against a float32 reference where one fits, and median mi
   vggt_last       the kept layer: last frame's queries over all 9 frames (fwd)
   encoder         SpatialEncoder.encode_indexed, VGGT-1B random init, 644 px, B=4: features sdpa vs fa4
   janus_tiny      JanusModel (tiny preset, bf16 on GPU) loss and gradients, model.attention torch vs fa4
-  janus_sync      the same model's forward + backward on a worker-packed batch (host_prep metadata) under
-                  torch.cuda.set_sync_debug_mode("warn"): every device->host sync, with where it happens
+  janus_sync      the same model's forward + backward under torch.cuda.set_sync_debug_mode("warn"): every
+                  device->host sync and where it happens, for the trainer's old batch and a worker-packed one
+                  (host_prep metadata); runs without flash-attn-4 too: --only janus_sync
 
     PYTHONPATH=src python3 bench/check_kernels.py --out $OUT        # needs CUDA sm90+ and the gpu extra
     PYTHONPATH=src python3 bench/check_kernels.py --only llm_varlen,vggt_frame --out $OUT
@@ -213,6 +214,7 @@ def case_janus(dev):
 
 
 def case_sync(dev):
+    """Device->host syncs in forward+backward: the trainer's old batch vs a worker-packed one (host_prep)."""
     import warnings
 
     from fwdbwd import tiny_janus_batch  # noqa: PLC0415 - same folder
@@ -220,22 +222,28 @@ def case_sync(dev):
     from vlnflow.model.host_prep import add_host_metadata, to_device
     from vlnflow.model.loading import build_model
 
+    kernel = fa4.FA4 if fa4.unavailable_reason(dev) is None else "torch"
     cfg, batch = tiny_janus_batch("cpu")
-    model = build_model({**cfg, "attention": fa4.FA4}, 12, (4, 4), device=dev, dtype=torch.bfloat16).train()
-    batch = to_device(add_host_metadata(batch, model.qwen.config), dev)
-    model(batch).backward()  # warm-up (JIT, allocator)
-    torch.cuda.synchronize()
-    found = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *a, **k: found.append(
-            {"message": str(message)[:160], "stack": [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-9:-1]]})
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            model(batch).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return {"kernel": "janus_sync", "shape": "tiny, worker-packed batch, fa4", "syncs": len(found), "sync_sites": found[:10]}
+    model = build_model({**cfg, "attention": kernel}, 12, (4, 4), device=dev, dtype=torch.bfloat16).train()
+    row = {"kernel": "janus_sync", "shape": f"tiny, bf16, attention {kernel}"}
+    for name, b in (
+        ("old_batch", {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}),
+        ("worker_batch", to_device(add_host_metadata(dict(batch), model.qwen.config), dev)),
+    ):
+        model(b).backward()  # warm-up (JIT, allocator)
+        torch.cuda.synchronize()
+        found = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *a, **k: found.append(
+                [f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack()[-9:-1]])
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(b).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        row[name] = {"syncs": len(found), "sites": [" <- ".join(reversed(st[-4:])) for st in found[:12]]}
+    return row
 
 
 def _stand_in_current_kernels() -> None:
@@ -275,7 +283,7 @@ def main() -> int:
         SCALE, DEVICE = 16, "cpu"
         _stand_in_current_kernels()
     dev = torch.device(DEVICE)
-    reason = None if args.cpu_smoke else fa4.unavailable_reason(dev)
+    reason = None if args.cpu_smoke or args.only == "janus_sync" else fa4.unavailable_reason(dev)
     if reason:
         print(f"flash-attn-4 cannot run here: {reason}")
         return 1
@@ -306,9 +314,10 @@ def main() -> int:
         if "error" in r:
             print(f"{r['kernel']:14} ERROR {r['error'][:110]}")
             continue
-        if "syncs" in r:
-            print(f"{r['kernel']:14} {r['syncs']} device->host syncs in forward+backward" +
-                  "".join(f"\n    {s['stack'][-1]}" for s in r["sync_sites"]))
+        if "worker_batch" in r:
+            for name in ("old_batch", "worker_batch"):
+                print(f"{r['kernel']:14} {name}: {r[name]['syncs']} device->host syncs in forward+backward ({r['shape']})" +
+                      "".join(f"\n    {site}" for site in r[name]["sites"]))
             continue
         o = r["out"]
         g = " ".join(f"{v['rms_rel']:.1e}" for v in r.get("grads", {}).values()) or "-"
