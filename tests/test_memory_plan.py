@@ -87,3 +87,16 @@ def test_applying_a_plan_checkpoints_only_the_chosen_layers(tiny):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="outside the 3 decoder layers"):
         build_model(cfg, 12, (4, 4)).checkpoint_layers([5])
+
+
+def test_plan_for_run_reads_the_train_settings(tiny):
+    from vlnflow.train.memory_plan import plan_for_run
+
+    cfg, _ = tiny
+    model = build_model(cfg, 12, (4, 4))
+    config = {"model": {"image_size": None}, "spatial": {"image_size": 644}, "history": {"max_frames": 8},
+              "train": {"gradient_checkpointing": True, "per_device_batch": 4, "deepspeed": "zero2", "memory_budget_gib": 80}}
+    plan = plan_for_run(config, model, world=8)
+    assert plan.layers == 3 and plan.checkpointed == () and plan.estimate_gib["tokens"] == MICRO_4
+    assert plan_for_run({**config, "train": {**config["train"], "memory_budget_gib": None}}, model, 8).checkpointed == (0, 1, 2)
+    assert plan_for_run({**config, "train": {**config["train"], "gradient_checkpointing": False}}, model, 8) is None
