@@ -229,7 +229,8 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
     log = lambda msg: print(f"[bench_train {time.perf_counter() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     wanted = None if args.cases == "all" else set(args.cases.split(","))
     rows = run_cases(cfg, samples, device, per_device=args.per_device_batch, warmup=args.warmup, steps=args.steps,
-                     workers=1 if args.tiny else args.workers, wanted=wanted, log=log)
+                     workers=1 if args.tiny else args.workers, wanted=wanted, log=log,
+                     deadline=started + args.budget_s)
     for row in rows:
         row["summary"] = summarize_fwdbwd(row, results["matmul_tflops"])
         results.setdefault("cases", []).append(row)
@@ -294,7 +295,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="zero2: optimizer steps per case (the first is warm-up); fwdbwd: timed micro-batches")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test of this script)")
     parser.add_argument("--cases", default="all", help="comma list of case names, or 'all'")
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting cases after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting cases after this many seconds (default: 330 for fwdbwd, 540 for zero2)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_train"))
     parser.add_argument("--work", default="/tmp/vlnflow_bench_train")
     parser.add_argument("--reuse", action="store_true", help="keep the data and cache already in --work")
@@ -303,6 +305,8 @@ def main() -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    if args.budget_s is None:
+        args.budget_s = 330.0 if args.mode == "fwdbwd" else 540.0
     if args.mode == "fwdbwd":
         return fwdbwd_main(args, out, work)
     cfg = base_config(work, args.tiny)

@@ -173,7 +173,8 @@ def stock_step(model, device, pad_id):
     return step
 
 
-def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps: int, workers: int, wanted, log) -> list[dict]:
+def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps: int, workers: int, wanted, log,
+              deadline: float = float("inf")) -> list[dict]:
     """Build the model and data once, run the cases in order; a failing case is reported, not fatal."""
     from vlnflow.model.batching import Collator
     from vlnflow.model.loading import build_model, load_processors, resolve_model_config
@@ -213,6 +214,10 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
     out = []
     for name, kernel, ckpt, packing in cases:
         if wanted and name not in wanted:
+            continue
+        if deadline - time.perf_counter() < 45:
+            out.append({"name": name, "ok": False, "error": "skipped: bench_train --budget-s reached"})
+            log(f"{name}: skipped (time budget)")
             continue
         row = {"name": name, "kernel": kernel, "checkpointed_layers": len(ckpt), "layers": shape.layers, "packing": packing,
                "per_device_batch": per_device, "grad_accum": 1, "gpus": 1}
