@@ -108,7 +108,7 @@ def prepare(work: Path, cfg: dict, tiny: bool, results: dict) -> None:
     from vlnflow.spatial import SpatialEncoder
 
     size = ["--size", "112x84"] if tiny else []
-    subprocess.run([sys.executable, "-m", "vlnflow.cli", "demo-data", str(work / "data"), *size], check=True)
+    subprocess.run([sys.executable, "-m", "vlnflow.cli", "demo-data", str(work / "data"), "--force", *size], check=True)
     idx = work / "index"
     idx.mkdir(parents=True, exist_ok=True)
     build_index(IndexSettings.from_config(cfg), str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(idx / "skipped.csv"))

@@ -22,7 +22,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-HOST_KEYS = frozenset({"image_grid_thw", "cu_seqlens_host"})
+HOST_KEYS = frozenset({"image_grid_thw"})
 
 
 class _RopeIndexer:
