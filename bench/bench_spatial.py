@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         finally:
             base.model.attention_kernel = "sdpa"
     else:
-        add({"case": "indexed", "attention": fa4.FA4, "skipped": fa4_reason or "no batched combo ran"})
+        add({"case": "indexed_fa4", "attention": fa4.FA4, "skipped": fa4_reason or "no batched combo ran"})
 
     if args.profile and best is not None:
         use(best[1])
