@@ -15,7 +15,8 @@ plus a bf16 matmul ceiling and the ratios (bench/fwdbwd.py has the details):
     PYTHONPATH=src python3 bench/bench_train.py --tiny --out /tmp/bt          # CPU smoke test
 
 --mode zero2 (several GPUs): short runs of the real trainer under torchrun (cached vs live VGGT, ZeRO-2
-offload vs ZeRO-2 vs ZeRO-3, per-device batch 1 and 4), after building a VGGT-1B feature cache:
+offload vs ZeRO-2 vs ZeRO-3, per-device batch 1 and 4, reduce buckets 2e8 vs 5e8 elements), after
+building a VGGT-1B feature cache:
 
     PYTHONPATH=src python3 bench/bench_train.py --mode zero2 --gpus 4 --steps 3 --out $OUT
     PYTHONPATH=src python3 bench/bench_train.py --mode zero2 --tiny --gpus 1 --steps 2 --out /tmp/bt
@@ -332,6 +333,9 @@ def main() -> int:
         (f"cached_zero3_g{g}", g, {"train.deepspeed": "zero3"}, False),
         (f"cached_zero2_offload_g{g}", g, {"train.deepspeed": "zero2_offload"}, False),
         (f"cached_zero2_b4_g{g}", g, {"train.deepspeed": "zero2", "train.per_device_batch": 4, "train.grad_accum": 2}, False),
+        # gradient reduce-scatter buckets (overlap_comm): the preset's 2e8 elements vs 5e8
+        (f"cached_zero2_b4_bucket5e8_g{g}", g, {"train.deepspeed": "zero2", "train.per_device_batch": 4, "train.grad_accum": 2,
+                                                "train.zero_bucket_elements": 500_000_000}, False),
         ("cached_zero2_offload_g1", 1, {"train.deepspeed": "zero2_offload"}, False),
     ]
     wanted = None if args.cases == "all" else set(args.cases.split(","))

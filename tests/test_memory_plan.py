@@ -100,3 +100,19 @@ def test_plan_for_run_reads_the_train_settings(tiny):
     assert plan.layers == 3 and plan.checkpointed == () and plan.estimate_gib["tokens"] == MICRO_4
     assert plan_for_run({**config, "train": {**config["train"], "memory_budget_gib": None}}, model, 8).checkpointed == (0, 1, 2)
     assert plan_for_run({**config, "train": {**config["train"], "gradient_checkpointing": False}}, model, 8) is None
+
+
+def test_presets_and_bucket_size_change_the_state_estimate():
+    from vlnflow.train.deepspeed_config import build_ds_config
+
+    zero2 = state_bytes(SEVEN_B, 8)
+    assert state_bytes(SEVEN_B, 8, preset="zero2_offload") < state_bytes(SEVEN_B, 8, preset="zero3") < zero2
+    assert state_bytes(SEVEN_B, 8, bucket_elements=5e8) == pytest.approx(zero2 + 4 * 3e8)
+    base = {"per_device_batch": 4, "grad_accum": 2, "grad_clip": 1.0, "bf16": True}
+    cfg = build_ds_config({**base, "deepspeed": "zero2", "zero_bucket_elements": 500_000_000}, 8, cpu=False)
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == cfg["zero_optimization"]["allgather_bucket_size"] == 500_000_000
+    assert cfg["zero_optimization"]["overlap_comm"] and cfg["zero_optimization"]["contiguous_gradients"]
+    default = build_ds_config({**base, "deepspeed": "zero2", "zero_bucket_elements": None}, 8, cpu=False)
+    assert default["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    z3 = build_ds_config({**base, "deepspeed": "zero3", "zero_bucket_elements": 300_000_000}, 8, cpu=False)
+    assert z3["zero_optimization"]["stage3_prefetch_bucket_size"] == 300_000_000 and "allgather_bucket_size" not in z3["zero_optimization"]

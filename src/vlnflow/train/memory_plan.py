@@ -86,18 +86,26 @@ class CheckpointPlan:
         )
 
 
-def state_bytes(shape: ModelShape, gpus: int, *, optimizer: bool = True, bucket_elements: float = 2e8) -> float:
+def state_bytes(
+    shape: ModelShape, gpus: int, *, optimizer: bool = True, bucket_elements: float = 2e8, preset: str = "zero2"
+) -> float:
     """Per-rank bytes of weights, gradients and optimizer states.
 
     With the optimizer (ZeRO-2, bf16 weights + fp32 master): bf16 weights replicated (2 B/param, frozen
     ones too), sharded fp32 gradients, master weights and Adam m, v (16 B/param / G), and the bf16
-    reduce buckets (two in flight with overlap_comm). Without it (one-GPU forward+backward
-    benchmarks): bf16 weights and bf16 gradients only.
+    reduce buckets (two in flight with overlap_comm). zero2_offload keeps the sharded 16 B/param on
+    the CPU; zero3 also shards the trainable bf16 weights. Without an optimizer (one-GPU
+    forward+backward benchmarks): bf16 weights and bf16 gradients only.
     """
-    weights = 2.0 * (shape.trainable_params + shape.frozen_params)
+    trainable, frozen = shape.trainable_params, shape.frozen_params
     if not optimizer:
-        return weights + 2.0 * shape.trainable_params
-    return weights + 16.0 * shape.trainable_params / gpus + 2 * 2.0 * bucket_elements
+        return 2.0 * (trainable + frozen) + 2.0 * trainable
+    buckets = 2 * 2.0 * bucket_elements
+    if preset == "zero2_offload":
+        return 2.0 * (trainable + frozen) + buckets
+    if preset == "zero3":
+        return 2.0 * trainable / gpus + 2.0 * frozen + 16.0 * trainable / gpus + buckets
+    return 2.0 * (trainable + frozen) + 16.0 * trainable / gpus + buckets
 
 
 def checkpoint_plan(
@@ -109,6 +117,7 @@ def checkpoint_plan(
     optimizer: bool = True,
     bucket_elements: float = 2e8,
     workspace_gib: float = 6.0,
+    preset: str = "zero2",
 ) -> CheckpointPlan:
     """Keep the most decoder layers un-checkpointed whose activations for `tokens` (one micro-batch) fit.
 
@@ -121,7 +130,7 @@ def checkpoint_plan(
         return CheckpointPlan(layers, tuple(range(layers)), True)
     if tokens <= 0 or gpus <= 0:
         raise ValueError(f"checkpoint_plan needs tokens > 0 and gpus > 0, got {tokens}, {gpus}")
-    states = state_bytes(shape, gpus, optimizer=optimizer, bucket_elements=bucket_elements)
+    states = state_bytes(shape, gpus, optimizer=optimizer, bucket_elements=bucket_elements, preset=preset)
     full, thin = shape.layer_bytes_per_token(), shape.checkpointed_bytes_per_token()
     other = 16 * shape.hidden  # embeddings, final norm, label-head inputs
 
@@ -164,7 +173,8 @@ def plan_for_run(config: dict, model, world: int) -> CheckpointPlan | None:
     zero = load_preset(tcfg["deepspeed"]).get("zero_optimization", {})
     plan = checkpoint_plan(
         ModelShape.of(model), tokens=tokens, gpus=world, budget_gib=tcfg.get("memory_budget_gib", 80),
-        bucket_elements=float(zero.get("reduce_bucket_size", 2e8)),
+        bucket_elements=float(tcfg.get("zero_bucket_elements") or zero.get("reduce_bucket_size", 2e8)),
+        preset=tcfg["deepspeed"],
     )
     (log.info if plan.fits else log.warning)("%s", plan.describe())
     return plan
