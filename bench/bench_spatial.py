@@ -13,7 +13,10 @@ TFLOP/s use the 59.5 TFLOP minimum per 9-frame 644x644 sample (VGGT_FACTS.md sec
 computed for the actual sizes by `minimum_flops`.
 
 GPU:  PYTHONPATH=src python3 bench/bench_spatial.py --out-json $OUT/spatial_bench.json
-CPU smoke test:  .venv/bin/python bench/bench_spatial.py --preset tiny --image-size 56 --device cpu
+CPU smoke test:  PYTHONPATH=src python3 bench/bench_spatial.py --tiny
+With flash-attn-4 installed (the gpu extra) and a CUDA sm90+ card, the `indexed` rows are repeated with
+spatial.attention flash_attn_4 (same model, same batches; `check_fa4` = its error against SDPA); the
+other rows use SDPA.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import traceback
 
 import torch
 
+from vlnflow import fa4
 from vlnflow.spatial import PRESETS, SpatialEncoder
 
 
@@ -141,14 +145,19 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: --preset tiny --image-size 56 --device cpu, small batches")
     ap.add_argument("--out-json", default=None, help="default: $OUT/spatial_bench.json when OUT is set")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.preset, args.image_size, args.device = "tiny", 56, "cpu"
+        args.batch_sizes, args.variant_batch_sizes, args.indexed_batch_sizes = "1,2", "2", "4"
+        args.combos = "eager:prefix:default"  # compiling on CPU takes ~40 s
 
     out_json = args.out_json or (os.path.join(os.environ["OUT"], "spatial_bench.json") if os.environ.get("OUT") else None)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     spatial_cfg = {
         "preset": args.preset, "weights": None, "seed": 0, "image_size": args.image_size, "layer": -2,
-        "reference_frame": "last", "dtype": "bfloat16", "device": args.device,
+        "reference_frame": "last", "dtype": "bfloat16", "device": args.device, "attention": "sdpa",
     }
     t0 = time.perf_counter()
     base = SpatialEncoder.from_config(spatial_cfg, compile_blocks=False)
@@ -245,7 +254,7 @@ def main(argv=None) -> int:
         variant, backend, sdpa = combo
         base.configure(compile_blocks=variant == "compiled", global_backend=backend,
                        sdpa_backend=None if sdpa == "default" else sdpa)
-        return {"variant": variant, "global": backend, "sdpa": sdpa}
+        return {"variant": variant, "global": backend, "sdpa": sdpa, "attention": base.attention_kernel}
 
     combos = [tuple(c.split(":")) for c in args.combos.split(",") if c]
     best = None
@@ -286,6 +295,31 @@ def main(argv=None) -> int:
                 add({"case": "indexed", "batch": bsz, "error": repr(exc), "trace": traceback.format_exc(limit=4)})
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+
+    # (b'') the same indexed batches with flash-attn-4 attention (spatial.attention: flash_attn_4), same model
+    fa4_reason = fa4.unavailable_reason(dev)
+    if best is not None and fa4_reason is None:
+        tag = {**use(best[1]), "attention": fa4.FA4}
+        try:
+            idx = episode_index(2)
+            x = torch.rand(int(idx.max()) + 1, 3, size, size, generator=gen).to(dev)
+            sdpa_out = base.encode_indexed(x, idx)
+            base.model.attention_kernel = base.attention_kernel_for(fa4.FA4)  # keeps the compiled block halves
+            add({"case": "check_fa4", "indexed_fa4_vs_sdpa": rel(base.encode_indexed(x, idx), sdpa_out)})
+            for bsz in ints(args.indexed_batch_sizes):
+                idx = episode_index(bsz)
+                unique = int(idx.max()) + 1
+                images = torch.rand(unique, 3, size, size, generator=gen).to(dev)
+                flops = trunk_flops(cfg, grid, s, keep) + unique / bsz * dino_flops(cfg, grid)
+                times = timed(lambda: base.encode_indexed(images, idx), dev, args.warmup, args.iters)
+                perf("indexed", times, bsz, flops, unique_images=unique, **tag)
+                del images
+        except Exception as exc:
+            add({"case": "indexed", "attention": fa4.FA4, "error": repr(exc), "trace": traceback.format_exc(limit=4)})
+        finally:
+            base.model.attention_kernel = "sdpa"
+    else:
+        add({"case": "indexed_fa4", "attention": fa4.FA4, "skipped": fa4_reason or "no batched combo ran"})
 
     if args.profile and best is not None:
         use(best[1])
@@ -363,17 +397,20 @@ def print_table(report) -> None:
           f"minimum {report['tflop_min_per_sample']:.2f} TF/sample; matmul {report['matmul_tflops']:.1f} TF/s")
     print(f"{'case':12} {'variant':22} {'B':>4} {'ms/sample':>10} {'samples/s':>10} {'TF/s(min)':>10} {'of mm':>6} {'peak GiB':>9}")
     for r in report["rows"]:
-        if r["case"] in ("matmul", "check") or "error" in r:
+        if r["case"] in ("matmul", "check", "check_fa4") or "error" in r:
             if "error" in r:
                 print(f"{r['case']:12} ERROR {r.get('variant', '')} B={r.get('batch')}: {r['error'][:100]}")
             continue
-        variant = "/".join(str(r[k]) for k in ("variant", "global", "sdpa") if k in r) or "-"
+        if "skipped" in r:
+            print(f"{r['case']:12} {r.get('attention', '')} not run: {r['skipped']}")
+            continue
+        variant = "/".join(str(r[k]) for k in ("variant", "global", "sdpa", "attention") if k in r) or "-"
         if "unique_images" in r:
             variant += f" U={r['unique_images']}"
         print(f"{r['case']:12} {variant:22} {r['batch']:>4} {r['ms_per_sample']:>10.1f} {r['samples_per_s']:>10.2f} "
               f"{r['tflops_on_min']:>10.4g} {r['of_matmul']:>6.3f} {r.get('peak_gib', float('nan')):>9.1f}")
     for r in report["rows"]:
-        if r["case"] == "check":
+        if r["case"] in ("check", "check_fa4"):
             print("check: " + json.dumps({k: v for k, v in r.items() if k != "case"}))
 
 

@@ -1,19 +1,31 @@
 """Training step benchmark at the seed's real shapes: Qwen2.5-VL-7B (random init) + real-size spatial path.
 
-One run does everything on one machine, so every ratio compares like with like:
-  1. a demo data set with 640x480 frames, indexed with 9 frames per sample (history.pad=repeat_first);
-  2. the VGGT-1B-sized feature cache for it (precompute on GPU 0; samples/s recorded);
-  3. the reference way of computing VGGT today (frame by frame, batch 1) for a few samples;
-  4. short training runs through the real trainer under torchrun: cached vs live VGGT, ZeRO-2 offload vs
-     ZeRO-2 vs ZeRO-3, per-device batch 1 and 4, on all GPUs (and ZeRO-2 offload on one GPU);
-  5. a bf16 matmul ceiling; a table (s/it, samples/s per GPU, data-wait %, peak GiB, MFU) printed last.
+Two modes, each one run on one machine so every ratio compares like with like.
 
-    PYTHONPATH=src python3 bench/bench_train.py --gpus 4 --steps 3 --out $OUT
-    PYTHONPATH=src python3 bench/bench_train.py --tiny --gpus 1 --steps 2 --out /tmp/bt   # CPU smoke test
+--mode fwdbwd (default; one GPU, ~5 min on an H200): forward + backward seconds per sample of the
+training model WITHOUT the optimizer (the 7B does not fit ZeRO-2 with Adam on one card), bf16 weights
+and gradients, on the trainer's own packed batches (9 frames of 640x480 -> 644x644, ~5.3k tokens per
+sample, per_device_batch 4), cases `old` (current kernels, full checkpointing, packing in the training
+process), `new` (flash-attn-4, selective checkpointing planned for 80 GiB cards under ZeRO-2 x 8,
+packing in DataLoader workers + prefetched copies), `new_card` (the plan for this card, no optimizer)
+and `stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing),
+plus a bf16 matmul ceiling and the ratios (bench/fwdbwd.py has the details):
 
-MFU counts model FLOPs without the checkpoint recompute (bench/ FLOP formulas from
-docs/design.md, "Measured facts"): LLM 6*N*T + causal attention 3*2*L*T^2*d + label head,
-frozen vision forward, merger fwd+bwd.
+    PYTHONPATH=src python3 bench/bench_train.py --out $OUT                    # one H200 (gpu extra installed)
+    PYTHONPATH=src python3 bench/bench_train.py --tiny --out /tmp/bt          # CPU smoke test
+
+--mode zero2 (several GPUs): short runs of the real trainer under torchrun (cached vs live VGGT, ZeRO-2
+offload vs ZeRO-2 vs ZeRO-3, per-device batch 1 and 4, reduce buckets 2e8 vs 5e8 elements), after
+building a VGGT-1B feature cache:
+
+    PYTHONPATH=src python3 bench/bench_train.py --mode zero2 --gpus 4 --steps 3 --out $OUT
+    PYTHONPATH=src python3 bench/bench_train.py --mode zero2 --tiny --gpus 1 --steps 2 --out /tmp/bt
+
+Both write $OUT/train_bench.json with a `summary` per case (samples_per_s_per_gpu, forward_s,
+backward_s, step_s, mfu_vs_matmul, per_device_batch, grad_accum, gpus, peak_gib, fits_80gb) and print
+a table last. MFU counts model FLOPs without the checkpoint recompute (FLOP formulas from
+docs/design.md, "Measured facts"): LLM 6*N*T + causal attention 3*2*L*T^2*d + label head, frozen vision
+forward, merger fwd+bwd.
 """
 
 from __future__ import annotations
@@ -97,7 +109,7 @@ def prepare(work: Path, cfg: dict, tiny: bool, results: dict) -> None:
     from vlnflow.spatial import SpatialEncoder
 
     size = ["--size", "112x84"] if tiny else []
-    subprocess.run([sys.executable, "-m", "vlnflow.cli", "demo-data", str(work / "data"), *size], check=True)
+    subprocess.run([sys.executable, "-m", "vlnflow.cli", "demo-data", str(work / "data"), "--force", *size], check=True)
     idx = work / "index"
     idx.mkdir(parents=True, exist_ok=True)
     build_index(IndexSettings.from_config(cfg), str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(idx / "skipped.csv"))
@@ -180,6 +192,7 @@ def summarize(case: dict, peak_tflops: float | None) -> dict:
         "tokens_per_sample": tokens / samples, "model_tflop_per_step": flops / 1e12,
         "loss_last": rows[-1]["loss"],
     }
+    out["fits_80gb"] = out["peak_gib"] <= 80.0  # the H800 budget (peak reported by rank 0's metrics)
     for phase in ("forward_s", "backward_s", "step_s"):
         if phase in rows[-1]:
             out[phase] = statistics.median(r[phase] for r in rows)
@@ -191,13 +204,100 @@ def summarize(case: dict, peak_tflops: float | None) -> dict:
     return out
 
 
+def fwdbwd_main(args, out: Path, work: Path) -> int:
+    """--mode fwdbwd: the one-GPU forward+backward cases of bench/fwdbwd.py."""
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fwdbwd import run_cases  # noqa: PLC0415 - bench helper next to this file
+
+    from vlnflow.data.index import IndexSettings, build_index
+
+    started = time.perf_counter()
+    cfg = base_config(work, args.tiny)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    results: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "mode": "fwdbwd",
+                     "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    results["matmul_tflops"] = matmul_tflops()
+    idx = work / "index"
+    if not (args.reuse and (idx / "samples.parquet").exists()):
+        size = ["--size", "112x84"] if args.tiny else []
+        subprocess.run([sys.executable, "-m", "vlnflow.cli", "demo-data", str(work / "data"), "--episodes", "4", "--force", *size], check=True)
+        idx.mkdir(parents=True, exist_ok=True)
+        build_index(IndexSettings.from_config(cfg), str(idx / "samples.parquet"), str(idx / "episodes.parquet"), str(idx / "skipped.csv"))
+    samples = pd.read_parquet(idx / "samples.parquet")
+    log = lambda msg: print(f"[bench_train {time.perf_counter() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
+    wanted = None if args.cases == "all" else set(args.cases.split(","))
+    rows = run_cases(cfg, samples, device, per_device=args.per_device_batch, warmup=args.warmup, steps=args.steps,
+                     workers=1 if args.tiny else args.workers, wanted=wanted, log=log,
+                     deadline=started + args.budget_s)
+    for row in rows:
+        row["summary"] = summarize_fwdbwd(row, results["matmul_tflops"])
+        results.setdefault("cases", []).append(row)
+    by = {r["name"]: r["summary"] for r in rows if r.get("ok")}
+    ratios = {}
+    for a, b in (("old", "new"), ("stock_hf", "new"), ("old", "new_card"), ("stock_hf", "old")):
+        if a in by and b in by:
+            ratios[f"{a}_over_{b}"] = by[a]["s_per_sample"] / by[b]["s_per_sample"]
+    results["ratios_s_per_sample"] = ratios
+    results["wall_s"] = time.perf_counter() - started
+    (out / "train_bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\ndevice {results['device']}  torch {results['torch']}  matmul {results['matmul_tflops']} TFLOP/s  wall {results['wall_s']:.0f} s")
+    print(f"{'case':10} {'kernel':13} {'ckpt':>6} {'s/sample':>9} {'smp/s':>7} {'fwd s':>7} {'bwd s':>7} {'rest s':>7} "
+          f"{'MFU':>6} {'peakGiB':>8} {'tok/smp':>8}")
+    for row in rows:
+        s = row["summary"]
+        if not row.get("ok"):
+            print(f"{row['name']:10} FAILED {row.get('error', '')[:120]}")
+            continue
+        print(f"{row['name']:10} {row['kernel']:13} {row['checkpointed_layers']:>3}/{row['layers']:<2} {s['s_per_sample']:9.3f} "
+              f"{s['samples_per_s_per_gpu']:7.3f} {s.get('forward_s', float('nan')):7.3f} {s.get('backward_s', float('nan')):7.3f} "
+              f"{s.get('rest_s', float('nan')):7.3f} {s.get('mfu_vs_matmul', float('nan')):6.3f} {s.get('peak_gib', float('nan')):8.1f} "
+              f"{s['tokens_per_sample']:8.0f}")
+    for row in rows:
+        if row.get("plan"):
+            print(f"plan {row['name']}: {row['plan']}")
+        if row.get("note"):
+            print(f"note {row['name']}: {row['note']}")
+    print("ratios (s/sample): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def summarize_fwdbwd(row: dict, peak_tflops: float | None) -> dict:
+    if not row.get("ok"):
+        return {"name": row["name"], "ok": False}
+    samples, wall = row["samples"], row["wall_s"]
+    out = {
+        "name": row["name"], "ok": True, "gpus": 1, "per_device_batch": row["per_device_batch"], "grad_accum": 1,
+        "samples_per_s_per_gpu": samples / wall, "s_per_sample": wall / samples, "micro_s": row["micro_s"],
+        "step_s": 0.0,  # no optimizer in this mode
+        "tokens_per_sample": row["tokens"] / samples, "loss_last": row["loss_last"],
+    }
+    for key in ("forward_s", "backward_s", "peak_gib"):
+        if key in row:
+            out[key] = row[key]
+    if "forward_s" in out:
+        out["rest_s"] = row["micro_s"] - out["forward_s"] - out["backward_s"]
+        out["fits_80gb"] = out["peak_gib"] <= 80.0
+    if peak_tflops:
+        flops = model_flops(row["tokens"], 9 * samples, samples)
+        out["mfu_vs_matmul"] = flops / wall / (peak_tflops * 1e12)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["fwdbwd", "zero2"], default="fwdbwd")
+    parser.add_argument("--per-device-batch", type=int, default=4, help="fwdbwd: samples packed per micro-batch")
+    parser.add_argument("--warmup", type=int, default=2, help="fwdbwd: untimed micro-batches per case (kernel JIT, allocator)")
+    parser.add_argument("--workers", type=int, default=6, help="fwdbwd: DataLoader workers")
     parser.add_argument("--gpus", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per case (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="zero2: optimizer steps per case (the first is warm-up); fwdbwd: timed micro-batches")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test of this script)")
     parser.add_argument("--cases", default="all", help="comma list of case names, or 'all'")
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting cases after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting cases after this many seconds (default: 330 for fwdbwd, 540 for zero2)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_train"))
     parser.add_argument("--work", default="/tmp/vlnflow_bench_train")
     parser.add_argument("--reuse", action="store_true", help="keep the data and cache already in --work")
@@ -206,6 +306,10 @@ def main() -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    if args.budget_s is None:
+        args.budget_s = 330.0 if args.mode == "fwdbwd" else 540.0
+    if args.mode == "fwdbwd":
+        return fwdbwd_main(args, out, work)
     cfg = base_config(work, args.tiny)
     if args.tiny:
         cfg["cluster"]["backend"] = "gloo"
@@ -229,6 +333,9 @@ def main() -> int:
         (f"cached_zero3_g{g}", g, {"train.deepspeed": "zero3"}, False),
         (f"cached_zero2_offload_g{g}", g, {"train.deepspeed": "zero2_offload"}, False),
         (f"cached_zero2_b4_g{g}", g, {"train.deepspeed": "zero2", "train.per_device_batch": 4, "train.grad_accum": 2}, False),
+        # gradient reduce-scatter buckets (overlap_comm): the preset's 2e8 elements vs 5e8
+        (f"cached_zero2_b4_bucket5e8_g{g}", g, {"train.deepspeed": "zero2", "train.per_device_batch": 4, "train.grad_accum": 2,
+                                                "train.zero_bucket_elements": 500_000_000}, False),
         ("cached_zero2_offload_g1", 1, {"train.deepspeed": "zero2_offload"}, False),
     ]
     wanted = None if args.cases == "all" else set(args.cases.split(","))

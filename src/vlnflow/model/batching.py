@@ -83,6 +83,10 @@ class Collator:
     def pack(self, samples: Sequence[EncodedSample], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
         if len(samples) != len(features):
             raise ValueError(f"{len(samples)} samples but {len(features)} spatial feature maps")
+        return {**self.pack_tokens(samples), "spatial_features": stack_features([s.sample_id for s in samples], features)}
+
+    def pack_tokens(self, samples: Sequence[EncodedSample]) -> dict:
+        """Every batch key except `spatial_features` (for workers, where live samples have no features yet)."""
         lengths = [len(s.input_ids) for s in samples]
         cu = np.concatenate([[0], np.cumsum(lengths)])
         input_ids = torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long)[None]
@@ -101,19 +105,18 @@ class Collator:
             "image_sample_index": torch.cat(
                 [torch.full((len(s.image_grid_thw),), i, dtype=torch.long) for i, s in enumerate(samples)]
             ),
-            "spatial_features": _stack_features(samples, features),
             "sample_ids": [s.sample_id for s in samples],
         }
 
 
-def _stack_features(samples: Sequence[EncodedSample], features) -> torch.Tensor:
+def stack_features(sample_ids: Sequence[str], features) -> torch.Tensor:
     """[B, P, C] from one [P, C] map per sample; every map must have the same shape."""
     maps = [torch.as_tensor(f) for f in features]
     first = maps[0].shape
-    for sample, fmap in zip(samples, maps):
+    for sample_id, fmap in zip(sample_ids, maps):
         if fmap.dim() != 2 or fmap.shape != first:
             raise DatasetError(
-                f"sample {sample.sample_id!r}: spatial feature shape {tuple(fmap.shape)} differs from "
+                f"sample {sample_id!r}: spatial feature shape {tuple(fmap.shape)} differs from "
                 f"{tuple(first)} (expected [grid_h*grid_w, channels] for every sample)"
             )
     return torch.stack(maps)

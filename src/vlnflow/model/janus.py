@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-from vlnflow.model.packed_attention import PACKED_ATTENTION
+from vlnflow.model.host_prep import packed_position_ids, vision_kwargs
+from vlnflow.model.packed_attention import is_packed
 from vlnflow.model.spatial_merger import SpatialMerger
 
 
@@ -57,17 +56,43 @@ class JanusModel(nn.Module):
         enable = getattr(self.qwen, "activation_checkpointing_enable", None) or self.qwen.gradient_checkpointing_enable
         enable(**kwargs)
 
+    def checkpoint_layers(self, indices) -> None:
+        """Selective checkpointing: recompute only the LLM decoder layers in `indices` (None or empty: none).
+
+        transformers' per-layer flag `gradient_checkpointing` is set after enabling it for all, so a
+        plan from vlnflow.train.memory_plan applies whatever `every_n_layers` this transformers has.
+        """
+        chosen = set(indices or ())
+        layers = self.qwen.model.language_model.layers
+        if not chosen:
+            return
+        if not chosen <= set(range(len(layers))):
+            raise ValueError(f"checkpoint layers {sorted(chosen)} outside the {len(layers)} decoder layers")
+        options = {"use_reentrant": False}
+        if hasattr(self.qwen, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            self.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in chosen
+
     # ---- pieces -------------------------------------------------------------------------
-    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """[image tokens, hidden] from Qwen's vision tower, images in batch order."""
-        kwargs = vision_kwargs(image_grid_thw, self.visual.config, pixel_values.device)
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, vision: dict | None = None) -> torch.Tensor:
+        """[image tokens, hidden] from Qwen's vision tower, images in batch order.
+
+        `vision`: the tower's metadata precomputed by host_prep (else computed here, on CPU).
+        """
+        kwargs = vision if vision is not None else vision_kwargs(image_grid_thw, self.visual.config, pixel_values.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
             out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
         return torch.cat(out.pooler_output, dim=0)
 
     def spatial_embeddings(self, spatial_features: torch.Tensor, image_grid_thw: torch.Tensor,
-                           image_sample_index: torch.Tensor) -> torch.Tensor:
-        """merger(features of sample i) for every image token of sample i: [image tokens, hidden]."""
+                           image_sample_index: torch.Tensor, spatial_index: tuple | None = None) -> torch.Tensor:
+        """merger(features of sample i) for every image token of sample i: [image tokens, hidden].
+
+        `spatial_index`: the (sample, token) gather index precomputed by host_prep (else built here).
+        """
         per_map = self.merger.tokens_per_map(self.spatial_grid)
         merge = self.visual.spatial_merge_size
         per_image = (image_grid_thw.prod(-1) // (merge * merge)).tolist()
@@ -77,48 +102,49 @@ class JanusModel(nn.Module):
                 f"spatial feature grid {self.spatial_grid} gives {per_map}: model.image_size must match spatial.image_size"
             )
         merged = self.merger(spatial_features, self.spatial_grid)  # [B, per_map, hidden]
-        sample = image_sample_index.to(merged.device).repeat_interleave(per_map)
-        token = torch.arange(per_map, device=merged.device).repeat(len(per_image))
+        if spatial_index is None:
+            sample = image_sample_index.to(merged.device).repeat_interleave(per_map)
+            token = torch.arange(per_map, device=merged.device).repeat(len(per_image))
+        else:
+            sample, token = (i.to(merged.device) for i in spatial_index)
         return merged[sample, token]
 
     def position_ids(self, batch: dict) -> torch.Tensor:
-        """[4, 1, T]: row 0 restarts at every sample (packing boundaries), rows 1-3 are each sample's mRoPE."""
-        ids = batch["input_ids"][0].cpu()
-        types = batch["mm_token_type_ids"][0].cpu()
-        grid = batch["image_grid_thw"].cpu()
-        owner = batch["image_sample_index"].cpu()
-        cu = batch["cu_seqlens"].tolist()
-        text, mrope = [], []
-        for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
-            positions, _ = self.qwen.model.get_rope_index(
-                ids[None, start:end], mm_token_type_ids=types[None, start:end], image_grid_thw=grid[owner == i]
-            )
-            mrope.append(positions)
-            text.append(torch.arange(end - start))
-        rows = torch.cat([torch.cat(text)[None, None], torch.cat(mrope, dim=2)], dim=0)
-        return rows.to(batch["input_ids"].device)
+        """[4, 1, T]: row 0 restarts at every sample (packing boundaries), rows 1-3 are each sample's mRoPE.
+
+        Taken from the batch when host_prep computed them in a worker (no host work, no device read).
+        """
+        if batch.get("position_ids") is not None:
+            return batch["position_ids"].to(batch["input_ids"].device)
+        return packed_position_ids(self.qwen.model.get_rope_index, batch).to(batch["input_ids"].device)
 
     def inputs_embeds(self, batch: dict) -> torch.Tensor:
         """Token embeddings with (Qwen image embedding + lam * spatial) scattered onto the image tokens."""
         input_ids = batch["input_ids"]
         embeds = self.qwen.get_input_embeddings()(input_ids)
-        image = self.image_embeddings(batch["pixel_values"], batch["image_grid_thw"])
+        image = self.image_embeddings(batch["pixel_values"], batch["image_grid_thw"], batch.get("vision"))
         if self.lam:
             spatial = self.spatial_embeddings(
-                batch["spatial_features"], batch["image_grid_thw"], batch["image_sample_index"]
+                batch["spatial_features"], batch["image_grid_thw"], batch["image_sample_index"], batch.get("spatial_index")
             )
             image = image + self.lam * spatial.to(image.dtype)
-        mask = input_ids == self.qwen.config.image_token_id
-        if int(mask.sum()) != image.shape[0]:
-            raise ValueError(
-                f"batch {batch.get('sample_ids')}: {int(mask.sum())} image tokens but {image.shape[0]} image embeddings"
-            )
-        return embeds.masked_scatter(mask[..., None], image.to(embeds.dtype))
+        positions = batch.get("image_positions")
+        if positions is None:  # not precomputed: find them (reads the mask back when on the GPU)
+            mask = input_ids == self.qwen.config.image_token_id
+            count = int(mask.sum())
+        else:
+            count = int(batch["image_tokens"])
+        if count != image.shape[0]:
+            raise ValueError(f"batch {batch.get('sample_ids')}: {count} image tokens but {image.shape[0]} image embeddings")
+        if positions is None:
+            return embeds.masked_scatter(mask[..., None], image.to(embeds.dtype))
+        # index_put: neither it nor its backward reads a count back from the device (masked_scatter's does)
+        return embeds.index_put((torch.zeros_like(positions), positions.to(embeds.device)), image.to(embeds.dtype))
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
         """Final-norm LLM hidden states [1, T, hidden] of the packed batch."""
         attn_kwargs = {}
-        if self.qwen.config.text_config._attn_implementation == PACKED_ATTENTION:
+        if is_packed(self.qwen.config.text_config._attn_implementation):
             cu = batch["cu_seqlens"].to(batch["input_ids"].device)
             max_len = int(batch.get("max_seqlen") or (cu[1:] - cu[:-1]).max())
             attn_kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
@@ -136,25 +162,3 @@ class JanusModel(nn.Module):
         positions = batch["label_positions"].to(hidden.device)
         logits = self.qwen.lm_head(hidden[0, positions - 1]).float()
         return F.cross_entropy(logits, batch["labels"][0, positions].to(hidden.device))
-
-
-def vision_kwargs(image_grid_thw: torch.Tensor, vision_config, device: torch.device) -> dict:
-    """Vision-tower metadata (windows, cu_seqlens, max lengths, rotary positions) computed once on CPU.
-
-    Uses transformers' own helpers, which the tower accepts precomputed; this keeps the
-    tower from reading lengths back from the GPU in every layer.
-    """
-    grid = image_grid_thw.cpu()
-    merge = vision_config.spatial_merge_size
-    cu = get_vision_cu_seqlens(grid)
-    window_index, cu_window = get_vision_window_index(
-        grid, spatial_merge_size=merge, window_size=vision_config.window_size, patch_size=vision_config.patch_size
-    )
-    return {
-        "cu_seqlens": cu.to(device),
-        "max_seqlen": int((cu[1:] - cu[:-1]).max()),
-        "window_index": window_index.to(device),
-        "cu_window_seqlens": cu_window.to(device),
-        "max_window_seqlen": int((cu_window[1:] - cu_window[:-1]).max()),
-        "position_ids": get_vision_position_ids(grid, merge).to(device),
-    }

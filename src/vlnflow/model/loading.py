@@ -13,8 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import torch
 
+from vlnflow import fa4
 from vlnflow.config import ConfigError
 from vlnflow.model.janus import JanusModel
 from vlnflow.model.packed_attention import use_packed_attention
@@ -28,6 +31,8 @@ from vlnflow.model.tiny import (
     tiny_config,
 )
 from vlnflow.model.vision_fast import apply_vision_fast
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -94,11 +99,17 @@ def build_model(
 ) -> JanusModel:
     """The composed JanusVLN-style model for spatial maps of `grid` (gh, gw) x `spatial_channels`."""
     dtype = dtype or compute_dtype(model_cfg, device)
+    kernel = attention_kernel(model_cfg, device, dtype)
     qwen = load_qwen(model_cfg, dtype, device)
+    vision = "transformers' own (vision_fast off)"
     if model_cfg.get("vision_fast", True):
-        apply_vision_fast(qwen.model.visual)
+        apply_vision_fast(qwen.model.visual, attention=kernel)
+        vision = f"{kernel} varlen"
+    llm = "sdpa (transformers' block-diagonal mask)"
     if model_cfg.get("llm_attention", "varlen") == "varlen":
-        use_packed_attention(qwen)
+        use_packed_attention(qwen, kernel)
+        llm = f"{kernel} varlen, causal per sample" + ("" if kernel == fa4.FA4 else " (flash on CUDA, SDPA elsewhere)")
+    log.info("attention kernels: LLM %s; vision tower %s (model.attention=%s)", llm, vision, model_cfg.get("attention", "auto"))
     merger = _build_merger(model_cfg, spatial_channels, qwen.config.text_config.hidden_size)
     merger.to(device=device or "cpu", dtype=dtype)
     return JanusModel(
@@ -108,6 +119,17 @@ def build_model(
         lam=float(model_cfg.get("lam", 0.2)),
         freeze_vision=bool(model_cfg.get("freeze_vision", True)),
     )
+
+
+def attention_kernel(model_cfg: Mapping[str, Any], device, dtype: torch.dtype) -> str:
+    """`model.attention` resolved for this device: flash_attn_4 or torch (vlnflow.model.varlen)."""
+    setting = model_cfg.get("attention", "auto")
+    kernel = fa4.resolve(setting, "model.attention", device, "torch", (fa4.FA4, "torch"))
+    if kernel == fa4.FA4 and dtype not in fa4.HALF:
+        if setting == fa4.FA4:
+            raise ConfigError(f"config setting 'model.attention' is {fa4.FA4!r}, which needs model.dtype bfloat16 or float16, not {dtype}")
+        kernel = "torch"
+    return kernel
 
 
 def _build_merger(model_cfg: Mapping[str, Any], channels: int, out_dim: int) -> SpatialMerger:

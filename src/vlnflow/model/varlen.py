@@ -5,13 +5,16 @@ batch (one segment per sample) need attention that never crosses a segment
 boundary. On CUDA with half precision this is torch's flash `varlen_attn`
 (one kernel per layer instead of a Python loop of SDPA calls); elsewhere it is
 an exact SDPA over the segments padded to the longest one, so CPU tests run the
-same layout code.
+same layout code. `backend="flash_attn_4"` runs flash-attn-4's varlen kernel instead
+(vlnflow.fa4; forward and backward, GQA without repeating K/V).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vlnflow import fa4
 
 try:  # torch >= 2.9 ships flash varlen attention (CUDA only)
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
@@ -35,14 +38,18 @@ def varlen_attention(
     *,
     causal: bool,
     scale: float | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Attention inside each segment [cu_seqlens[i], cu_seqlens[i+1]).
 
     query: (T, Hq, D); key, value: (T, Hkv, D) with Hq a multiple of Hkv (grouped-query).
-    Returns (T, Hq, D).
+    Returns (T, Hq, D). Pass `max_seqlen` (a host int): computing it here reads it back
+    from the device.
     """
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if backend == fa4.FA4:
+        return fa4.varlen(query, key, value, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     if uses_flash_varlen(query):
         return _flash_varlen(query, key, value, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     return _padded_sdpa(query, key, value, cu_seqlens, max_seqlen, causal=causal, scale=scale)

@@ -11,7 +11,8 @@ picks a slow align-2 kernel. Here:
   rows and down columns are zero, so silu(0) * 0 = 0 adds nothing, and their gradients
   are zero too, so the function stays identical even if the tower is trained.
 
-`apply_vision_fast(visual)` applies both in place to a loaded tower.
+`apply_vision_fast(visual, attention)` applies both in place to a loaded tower; `attention`
+"flash_attn_4" runs V1 on flash-attn-4's varlen kernel, "torch" on torch's (vlnflow.varlen).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from vlnflow.model.varlen import varlen_attention
 class VarlenVisionAttention(Qwen2_5_VLVisionAttention):
     """Qwen2.5-VL vision attention with one varlen call per layer (V1); same weights, same function."""
 
+    attention_backend = "torch"  # or "flash_attn_4"; set per instance by use_varlen_vision_attention
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -44,16 +47,18 @@ class VarlenVisionAttention(Qwen2_5_VLVisionAttention):
         )
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-        out = varlen_attention(query, key, value, cu_seqlens, max_seqlen, causal=False, scale=self.scaling)
+        out = varlen_attention(query, key, value, cu_seqlens, max_seqlen, causal=False, scale=self.scaling,
+                               backend=self.attention_backend)
         return self.proj(out.reshape(seq_length, -1))
 
 
-def use_varlen_vision_attention(visual: nn.Module) -> int:
+def use_varlen_vision_attention(visual: nn.Module, backend: str = "torch") -> int:
     """V1: switch every vision attention module of `visual` to `VarlenVisionAttention`; returns the count."""
     count = 0
     for module in visual.modules():
-        if type(module) is Qwen2_5_VLVisionAttention:
+        if type(module) in (Qwen2_5_VLVisionAttention, VarlenVisionAttention):
             module.__class__ = VarlenVisionAttention  # same state, forward replaced
+            module.attention_backend = backend
             count += 1
     return count
 
@@ -73,9 +78,9 @@ def pad_vision_mlp(visual: nn.Module, multiple: int = 64) -> int:
     return width
 
 
-def apply_vision_fast(visual: nn.Module, multiple: int = 64) -> nn.Module:
-    """Apply V1 (varlen attention) and V2 (MLP padded to `multiple`) to a vision tower in place."""
-    use_varlen_vision_attention(visual)
+def apply_vision_fast(visual: nn.Module, multiple: int = 64, attention: str = "torch") -> nn.Module:
+    """Apply V1 (varlen attention on `attention`'s kernel) and V2 (MLP padded to `multiple`) in place."""
+    use_varlen_vision_attention(visual, attention)
     pad_vision_mlp(visual, multiple)
     return visual
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vlnflow.spatial.attention import block_causal_attention, last_frame_attention
+from vlnflow.spatial.attention import attend, block_causal_attention, last_frame_attention
 from vlnflow.spatial.dinov2 import ConvPatchEmbed, DinoV2
 from vlnflow.spatial.layers import Block, Rope, sdpa_heads
 from vlnflow.spatial.rope import rope_tables
@@ -114,6 +114,7 @@ class Aggregator(nn.Module):
         self.qkv_fn = Block.qkv_heads
         self.residual_fn = Block.residual
         self.global_backend = "prefix"
+        self.attention_kernel = "sdpa"  # or "flash_attn_4" (frame, global and DINOv2 attention; not streaming)
 
     # ---- pieces -------------------------------------------------------------------------
 
@@ -171,17 +172,17 @@ class Aggregator(nn.Module):
 
     def _dino_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_fn(block, x, None)
-        return self.residual_fn(block, x, sdpa_heads(q, k, v))
+        return self.residual_fn(block, x, attend(q, k, v, self.attention_kernel))
 
     def _frame_block(self, i: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         block = self.frame_blocks[i]
         q, k, v = self.qkv_fn(block, x, rope)
-        return self.residual_fn(block, x, sdpa_heads(q, k, v))
+        return self.residual_fn(block, x, attend(q, k, v, self.attention_kernel))
 
     def _global_block(self, i: int, x: torch.Tensor, rope: Rope, frames: int) -> torch.Tensor:
         block = self.global_blocks[i]
         q, k, v = self.qkv_fn(block, x, rope)
-        return self.residual_fn(block, x, block_causal_attention(q, k, v, frames, self.global_backend))
+        return self.residual_fn(block, x, block_causal_attention(q, k, v, frames, self.global_backend, self.attention_kernel))
 
     # ---- full pass ----------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class Aggregator(nn.Module):
         h = block.norm1(x)
         k, v = block.attn.kv_heads(h, rope)
         q = block.attn.q_heads(h.view(b, s, t, c)[:, -1], rope)
-        out = self.residual_fn(block, last, last_frame_attention(q, k, v, s))
+        out = self.residual_fn(block, last, last_frame_attention(q, k, v, s, self.attention_kernel))
         start = self.patch_start_idx
         return torch.cat([last[:, start:], out[:, start:]], dim=-1)
 

@@ -6,6 +6,10 @@ frames 0..k: every call is a plain flash/cuDNN attention on contiguous slices,
 the FLOPs are exactly the block-causal ones, and there is no (L x L) mask. On
 CUDA, FlexAttention with a frame-level block mask is the alternative
 (`backend="flex"`); both are measured in bench/bench_spatial.py.
+
+`kernel` picks what runs each unmasked call: "sdpa" (PyTorch's choice of flash/cuDNN)
+or "flash_attn_4" (vlnflow.fa4, CUDA sm90+, bf16), which takes the (B, S, H, D) layout
+directly, so the prefix slices need no transposes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from vlnflow import fa4
+
+KERNELS = ("sdpa", fa4.FA4)
+
 
 def _bhtd(x: torch.Tensor, batch: int) -> torch.Tensor:
     """(B*S, T, H, D) frames -> (B, H, S*T, D) view of the whole sequence per sample."""
@@ -22,12 +30,26 @@ def _bhtd(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(batch, -1, h, d).transpose(1, 2)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """Unmasked attention over (N, Tq, H, D) queries and (N, Tk, H, D) keys/values -> (N, Tq, H, D)."""
+    if kernel == fa4.FA4:
+        return fa4.dense(q, k, v)
+    if kernel != "sdpa":
+        raise ValueError(f"unknown attention kernel {kernel!r} ({' | '.join(KERNELS)})")
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 def block_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, backend: str = "prefix"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, backend: str = "prefix", kernel: str = "sdpa"
 ) -> torch.Tensor:
     """q, k, v (B*S, T, H, D) with S = `frames` per sample -> (B*S, T, H, D) block-causal output."""
     n, t, h, d = q.shape
     batch = n // frames
+    if kernel == fa4.FA4 and backend == "prefix":
+        qs, ks, vs = (x.reshape(batch, frames * t, h, d) for x in (q, k, v))
+        outs = [attend(qs[:, f * t : (f + 1) * t], ks[:, : (f + 1) * t], vs[:, : (f + 1) * t], kernel) for f in range(frames)]
+        return torch.cat(outs, dim=1).reshape(n, t, h, d)
     qs, ks, vs = _bhtd(q, batch), _bhtd(k, batch), _bhtd(v, batch)
     if backend == "flex":
         out = _flex_block_causal(qs, ks, vs, t, frames)
@@ -42,9 +64,12 @@ def block_causal_attention(
     return torch.cat(outs, dim=1).reshape(n, t, h, d)
 
 
-def last_frame_attention(q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int) -> torch.Tensor:
+def last_frame_attention(q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, kernel: str = "sdpa") -> torch.Tensor:
     """Queries of each sample's last frame (B, T, H, D) against all its frames' keys (B*S, T, H, D)."""
     batch = q_last.shape[0]
+    if kernel == fa4.FA4:
+        _, t, h, d = k.shape
+        return attend(q_last, k.reshape(batch, frames * t, h, d), v.reshape(batch, frames * t, h, d), kernel)
     out = F.scaled_dot_product_attention(q_last.transpose(1, 2), _bhtd(k, batch), _bhtd(v, batch))
     return out.transpose(1, 2)
 

@@ -16,16 +16,21 @@ stream, LayerNorms and RoPE, as the reference does under autocast.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
 
+from vlnflow import fa4
 from vlnflow.errors import UserError
+from vlnflow.spatial.attention import KERNELS
 from vlnflow.spatial.aggregator import PRESETS, Aggregator, AggregatorConfig, StreamCache
 from vlnflow.spatial.checkpoint import find_weights_file, load_aggregator_weights
 from vlnflow.spatial.fingerprint import CODE_VERSION, PAD_MODE, fingerprint_of, remember_digest
 from vlnflow.spatial.init import build_aggregator, init_random_
 from vlnflow.spatial.layers import Block
+
+log = logging.getLogger(__name__)
 
 # Bump (in fingerprint.py) when a code change alters the features computed from the same settings.
 ENCODER_CODE_VERSION = CODE_VERSION
@@ -48,6 +53,7 @@ class SpatialEncoder:
         compile_blocks: bool | None = None,
         global_backend: str = "prefix",
         sdpa_backend: str | None = None,
+        attention: str = "auto",
     ):
         """Wrap a float32 CPU `model`; it is cast to the compute dtype and moved to `device`.
 
@@ -55,7 +61,9 @@ class SpatialEncoder:
         non-attention halves of a block with torch.compile (default: on CUDA only, where
         it measured 1.6x faster; the first call then compiles for ~20 s); `global_backend` picks
         the block-causal attention (prefix | flex); `sdpa_backend` (flash | cudnn |
-        efficient | math) pins SDPA's kernel instead of letting PyTorch choose.
+        efficient | math) pins SDPA's kernel instead of letting PyTorch choose; `attention`
+        (auto | flash_attn_4 | sdpa, the `spatial.attention` setting) picks the attention kernel
+        of the batched paths: auto = flash-attn-4 on a CUDA sm90+ device in bf16/fp16, else SDPA.
         """
         if reference_frame not in ("first", "last"):
             raise UserError(f"spatial.reference_frame must be 'first' or 'last', got {reference_frame!r}")
@@ -76,10 +84,19 @@ class SpatialEncoder:
         self.model = _prepare(model, self.device, self.compute_dtype)
         if compile_blocks is None:
             compile_blocks = self.device.type == "cuda"
-        self.configure(compile_blocks=compile_blocks, global_backend=global_backend, sdpa_backend=sdpa_backend)
+        self.configure(compile_blocks=compile_blocks, global_backend=global_backend, sdpa_backend=sdpa_backend, attention=attention)
+        log.info("VGGT attention kernel: %s (spatial.attention=%s, %s)", self.attention_kernel, attention, self.device)
 
-    def configure(self, *, compile_blocks: bool = False, global_backend: str = "prefix", sdpa_backend: str | None = None) -> None:
-        """Choose how the same math is executed (results agree to rounding; not part of the fingerprint)."""
+    def configure(
+        self, *, compile_blocks: bool = False, global_backend: str = "prefix", sdpa_backend: str | None = None,
+        attention: str | None = None,
+    ) -> None:
+        """Choose how the same math is executed (results agree to rounding; not part of the fingerprint).
+
+        `attention` None keeps the current kernel.
+        """
+        if attention is not None:
+            self.model.attention_kernel = self.attention_kernel_for(attention)
         if global_backend not in ("prefix", "flex"):
             raise UserError(f"global attention backend must be 'prefix' or 'flex', got {global_backend!r}")
         if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
@@ -92,6 +109,19 @@ class SpatialEncoder:
             self.model.residual_fn = torch.compile(Block.residual, dynamic=True)
         else:
             self.model.qkv_fn, self.model.residual_fn = Block.qkv_heads, Block.residual
+
+    def attention_kernel_for(self, setting: str) -> str:
+        """`spatial.attention` resolved on this encoder's device and compute dtype: flash_attn_4 or sdpa."""
+        kernel = fa4.resolve(setting, "spatial.attention", self.device, "sdpa", KERNELS)
+        if kernel == fa4.FA4 and self.compute_dtype not in fa4.HALF:
+            if setting == fa4.FA4:
+                raise UserError(f"spatial.attention is {fa4.FA4!r}, which needs spatial.dtype bfloat16 or float16")
+            kernel = "sdpa"
+        return kernel
+
+    @property
+    def attention_kernel(self) -> str:
+        return self.model.attention_kernel
 
     # ---- construction -------------------------------------------------------------------
 
@@ -124,7 +154,7 @@ class SpatialEncoder:
             device=resolve_device(spatial_cfg.get("device", "auto")),
             dtype=DTYPES[dtype_name],
             batch_size=int(spatial_cfg.get("batch_size", 4)),
-            **options,
+            **{"attention": spatial_cfg.get("attention", "auto"), **options},
         )
 
     # ---- shapes and identity ------------------------------------------------------------

@@ -33,6 +33,13 @@ def build_ds_config(train_cfg: dict, world_size: int, cpu: bool) -> dict:
             "wall_clock_breakdown": False,
         }
     )
+    bucket = train_cfg.get("zero_bucket_elements")
+    if bucket:
+        # Larger buckets: fewer, longer reduce-scatter calls overlapped with backward (overlap_comm), more memory.
+        zero = config["zero_optimization"]
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+            if key in zero:
+                zero[key] = int(bucket)
     if cpu:
         # DeepSpeed's CPU accelerator has no pinned memory; fp32 on CPU keeps the demo fast and exact.
         off = config["zero_optimization"].get("offload_optimizer")

@@ -1,0 +1,118 @@
+"""Selective activation checkpointing: the memory model of the 7B shape, the plan it picks per budget,
+and applying a plan to the decoder layers (only the chosen ones recompute; loss and gradients unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlnflow.model.batching import Collator
+from vlnflow.model.loading import build_model, load_processors
+from vlnflow.train.memory_plan import GIB, ModelShape, checkpoint_plan, state_bytes, tokens_per_sample
+
+SEVEN_B = ModelShape()
+MICRO_4 = 4 * tokens_per_sample(644, 9)  # the default packed micro-batch: 4 samples x ~5.3k tokens
+
+
+def test_memory_model_of_the_7b_shape():
+    assert tokens_per_sample(644, 9) == 9 * 529 + 550
+    assert SEVEN_B.layer_bytes_per_token() == 16 * 3584 + 4 * 512 + 8 * 18944 + 4 * 28  # ~206 KiB
+    # ZeRO-2 on 8 GPUs: 2 B/param replicated (16.7 GB) + 16 B/param sharded (15.3 GB) + two 200M-element buckets
+    assert state_bytes(SEVEN_B, 8) == pytest.approx(2 * 8.336e9 + 16 * 7.66e9 / 8 + 8e8)
+    # more GPUs shard more, the one-GPU fwd+bwd benchmark (no optimizer) keeps bf16 grads only
+    assert state_bytes(SEVEN_B, 16) < state_bytes(SEVEN_B, 8) < state_bytes(SEVEN_B, 4)
+    assert state_bytes(SEVEN_B, 1, optimizer=False) == pytest.approx(2 * 8.336e9 + 2 * 7.66e9)
+
+
+def test_larger_budgets_recompute_fewer_layers():
+    plans = [checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=8, budget_gib=b) for b in (48, 64, 80, 96, 141)]
+    counts = [len(p.checkpointed) for p in plans]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    for plan in plans:
+        assert plan.fits and plan.estimate_gib["total"] <= plan.estimate_gib["budget"]
+    eighty = plans[2]
+    assert 0 < len(eighty.checkpointed) < 28  # 80 GB cards: selective, neither extreme
+    # one more kept layer would not fit: the plan is the largest that does
+    one_more = checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=8, budget_gib=80)
+    kept_bytes = MICRO_4 * (SEVEN_B.layer_bytes_per_token() - SEVEN_B.checkpointed_bytes_per_token())
+    assert one_more.estimate_gib["total"] + kept_bytes / GIB > 80
+
+
+def test_checkpointed_layers_are_spread_and_edge_cases():
+    plan = checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=8, budget_gib=80)
+    ids = plan.checkpointed
+    assert list(ids) == sorted(set(ids)) and ids[0] == 0 and ids[-1] < 28
+    gaps = np.diff(ids)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread over the depth
+    assert checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=8, budget_gib=None).checkpointed == tuple(range(28))
+    # a small micro-batch on a big card: nothing to recompute
+    assert checkpoint_plan(SEVEN_B, tokens=tokens_per_sample(644, 9), gpus=8, budget_gib=141).checkpointed == ()
+    tight = checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=1, budget_gib=40)
+    assert not tight.fits and tight.checkpointed == tuple(range(28)) and "DOES NOT FIT" in tight.describe()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    cfg = {"preset": "tiny", "image_size": 56, "merger_hidden": 24, "tiny": {"text_layers": 3}}
+    tokenizer, processor = load_processors(cfg)
+    row = dict(sample_id="a", episode_id="e", frames=["f0.png", "f1.png"], instruction="walk", action="STOP", prompt=None,
+               answer=None, sub_instruction="stop", description_2d="a door", description_3d="ahead", source_format="episodes")
+    batch = Collator(tokenizer, processor, cfg, dataset_root=root)([row], [torch.randn(16, 12)])
+    return cfg, batch
+
+
+def test_applying_a_plan_checkpoints_only_the_chosen_layers(tiny):
+    cfg, batch = tiny
+    results = []
+    for chosen in ((), (0, 2)):
+        model = build_model(cfg, 12, (4, 4)).train()
+        model.checkpoint_layers(chosen)
+        layers = model.qwen.model.language_model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i in chosen for i in range(3)]
+        recomputed = []
+        for i, layer in enumerate(layers):  # count MLP runs (module hooks do not fire in a checkpoint's recompute)
+            layer.mlp.forward = lambda x, i=i, f=layer.mlp.forward: (recomputed.append(i), f(x))[1]
+        loss = model(batch)
+        forward_calls = list(recomputed)
+        loss.backward()
+        assert forward_calls == [0, 1, 2]
+        assert sorted(recomputed[len(forward_calls):]) == list(chosen)  # backward re-ran exactly the chosen layers
+        results.append((loss.detach(), model.merger.mlp[0].weight.grad.clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the 3 decoder layers"):
+        build_model(cfg, 12, (4, 4)).checkpoint_layers([5])
+
+
+def test_plan_for_run_reads_the_train_settings(tiny):
+    from vlnflow.train.memory_plan import plan_for_run
+
+    cfg, _ = tiny
+    model = build_model(cfg, 12, (4, 4))
+    config = {"model": {"image_size": None}, "spatial": {"image_size": 644}, "history": {"max_frames": 8},
+              "train": {"gradient_checkpointing": True, "per_device_batch": 4, "deepspeed": "zero2", "memory_budget_gib": 80}}
+    plan = plan_for_run(config, model, world=8)
+    assert plan.layers == 3 and plan.checkpointed == () and plan.estimate_gib["tokens"] == MICRO_4
+    assert plan_for_run({**config, "train": {**config["train"], "memory_budget_gib": None}}, model, 8).checkpointed == (0, 1, 2)
+    assert plan_for_run({**config, "train": {**config["train"], "gradient_checkpointing": False}}, model, 8) is None
+
+
+def test_presets_and_bucket_size_change_the_state_estimate():
+    from vlnflow.train.deepspeed_config import build_ds_config
+
+    zero2 = state_bytes(SEVEN_B, 8)
+    assert state_bytes(SEVEN_B, 8, preset="zero2_offload") < state_bytes(SEVEN_B, 8, preset="zero3") < zero2
+    assert state_bytes(SEVEN_B, 8, bucket_elements=5e8) == pytest.approx(zero2 + 4 * 3e8)
+    base = {"per_device_batch": 4, "grad_accum": 2, "grad_clip": 1.0, "bf16": True}
+    cfg = build_ds_config({**base, "deepspeed": "zero2", "zero_bucket_elements": 500_000_000}, 8, cpu=False)
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == cfg["zero_optimization"]["allgather_bucket_size"] == 500_000_000
+    assert cfg["zero_optimization"]["overlap_comm"] and cfg["zero_optimization"]["contiguous_gradients"]
+    default = build_ds_config({**base, "deepspeed": "zero2", "zero_bucket_elements": None}, 8, cpu=False)
+    assert default["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    z3 = build_ds_config({**base, "deepspeed": "zero3", "zero_bucket_elements": 300_000_000}, 8, cpu=False)
+    assert z3["zero_optimization"]["stage3_prefetch_bucket_size"] == 300_000_000 and "allgather_bucket_size" not in z3["zero_optimization"]
