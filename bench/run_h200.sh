@@ -38,9 +38,10 @@ b)
   cat "$STAGE/cu13xz.aa" .gpu2/cu13xz.ab | xz -dc | tar x -C "$SITE" || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu2/*.whl || exit 1
   python3 -c "from flash_attn.cute import flash_attn_func, flash_attn_varlen_func; print('flash-attn-4 imports')"
-  run kernels 120 python3 bench/check_kernels.py --out "$OUT/check_kernels.json"
-  run train 330 python3 bench/bench_train.py --mode fwdbwd --out "$OUT"
-  run spatial 120 python3 bench/bench_spatial.py --fa4-compare --out "$OUT/bench_spatial.json"
+  run kernels 170 python3 bench/check_kernels.py --out "$OUT"
+  run train 340 python3 bench/bench_train.py --mode fwdbwd --out "$OUT"
+  run spatial 150 python3 bench/bench_spatial.py --batch-sizes 16 --combos compiled:prefix:default --indexed-batch-sizes 16 \
+    --stream-samples 1 --out-json "$OUT/spatial_bench.json"
   ;;
 c)
   run export 300 python3 bench/bench_export.py --out "$OUT" --samples 5
