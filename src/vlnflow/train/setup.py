@@ -40,6 +40,7 @@ class TrainRun:
     collator: Any  # vlnflow.model.batching.Collator
     source: SpatialSource
     dataset: TrainSamples
+    val: TrainSamples | None  # held-out episodes (dataset.val_fraction), None without any
     total: int  # optimizer steps this run trains to
     per_epoch: int  # optimizer steps per epoch
 
@@ -70,14 +71,16 @@ def build_run(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_
     run_dir = Path(run_dir)
     device, dist = init_distributed(config, run_dir, use_cache)
     torch.manual_seed(tcfg["seed"])
-    samples = read_samples(tcfg["samples"])
+    samples, held_out = read_samples(tcfg["samples"], config["dataset"]["val_fraction"])
     source, collator, model = build_model(config, device, use_cache)
     world = dist.get_world_size()
     per_epoch = steps_per_epoch(len(samples), tcfg, world)
     total = max_steps or tcfg["max_steps"] or per_epoch * tcfg["epochs"]
     engine = build_engine(model, tcfg, world, device, total)
-    dataset = TrainSamples(samples, collator, source, config["dataset"]["root"], config["spatial"]["image_size"])
-    return TrainRun(config, run_dir, device, dist.get_rank(), world, dist, engine, collator, source, dataset, total, per_epoch)
+    root, size = config["dataset"]["root"], config["spatial"]["image_size"]
+    dataset = TrainSamples(samples, collator, source, root, size)
+    val = TrainSamples(held_out, collator, source, root, size) if len(held_out) else None
+    return TrainRun(config, run_dir, device, dist.get_rank(), world, dist, engine, collator, source, dataset, val, total, per_epoch)
 
 
 # ---- distributed ----------------------------------------------------------------------------------
@@ -126,11 +129,23 @@ def init_distributed(config: dict, run_dir: Path, use_cache: bool):
 # ---- data and model -------------------------------------------------------------------------------
 
 
-def read_samples(path: str) -> pd.DataFrame:
+def read_samples(path: str, val_fraction: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training samples, held-out samples): whole episodes held out per dataset.val_fraction."""
+    from vlnflow.data.split import split_by_episode
+
     samples = pd.read_parquet(path)
     if samples.empty:
         raise UserError(f"train.samples {path} holds no samples")
-    return samples
+    train, val = split_by_episode(samples, val_fraction)
+    if val_fraction > 0:
+        if val.empty or train.empty:
+            raise UserError(
+                f"dataset.val_fraction {val_fraction} holds out {val.episode_id.nunique()} of "
+                f"{samples.episode_id.nunique()} episodes in {path}: choose a fraction that leaves both sides non-empty"
+            )
+        log.info("validation: %d samples of %d episode(s) held out (dataset.val_fraction %g), %d samples train",
+                 len(val), val.episode_id.nunique(), val_fraction, len(train))
+    return train, val
 
 
 def steps_per_epoch(n_samples: int, tcfg: dict, world: int) -> int:
@@ -169,23 +184,38 @@ def build_model(config: dict, device: torch.device, use_cache: bool):
 
 
 def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
-    """LLM, merger and (if trainable) vision-tower parameters with their own learning rates."""
-    merger = {id(p) for p in model.merger.parameters()}
+    """Trainable parameters in groups with their own learning rate, as JanusVLN's trainer groups them.
+
+    A parameter whose name contains "merger" (the VGGT merger, Qwen's visual.merger) gets lr.merger,
+    the rest of the vision tower lr.vision, everything else lr.llm; a rate of 0 freezes the group.
+    With weight decay, each group splits in two: biases and nn.LayerNorm parameters get none (HF's
+    rule, which JanusVLN uses: RMSNorm weights are decayed), the "<name>_no_decay" group.
+    """
+    no_decay = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     vision = {id(p) for p in model.visual.parameters()}
-    groups = {"llm": [], "merger": [], "vision": []}
-    for p in model.parameters():
+    groups: dict[str, list] = {}
+    for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        name = "merger" if id(p) in merger else "vision" if id(p) in vision else "llm"
-        groups[name].append(p)
+        kind = "merger" if "merger" in pname else "vision" if id(p) in vision else "llm"
+        if lrs[kind] <= 0:
+            p.requires_grad_(False)
+            continue
+        exempt = weight_decay > 0 and ("bias" in pname or id(p) in no_decay)
+        groups.setdefault((kind, exempt), []).append(p)
     out = []
-    for name, params in groups.items():
-        if params and lrs[name] > 0:
-            out.append({"params": params, "lr": lrs[name], "weight_decay": weight_decay, "name": name})
-        elif params:
-            for p in params:
-                p.requires_grad_(False)
+    for kind in ("llm", "merger", "vision"):
+        for exempt in (False, True):
+            params = groups.get((kind, exempt))
+            if params:
+                name = f"{kind}_no_decay" if exempt else kind
+                out.append({"params": params, "lr": lrs[kind], "weight_decay": 0.0 if exempt else weight_decay, "name": name})
     return out
+
+
+def warmup_steps(tcfg: dict, total: int) -> int:
+    """train.warmup_steps, else ceil(train.warmup_ratio x total steps), as HF's TrainingArguments."""
+    return tcfg["warmup_steps"] or math.ceil(tcfg.get("warmup_ratio", 0.0) * total)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -218,6 +248,6 @@ def build_engine(model, tcfg: dict, world: int, device: torch.device, total: int
         model_parameters=groups,
         optimizer=optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg["warmup_steps"], total)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps(tcfg, total), total)),
     )
     return engine

@@ -5,7 +5,8 @@ single process: the missing torch.distributed variables are then filled in for o
 
 `train` reads as its steps: build the run (vlnflow.train.setup), restore the newest
 checkpoint, then per micro-step `next_micro_batch` + `micro_step`, and at each
-accumulation boundary `finish_step` (reduce, metrics, log lines) and `save_if_due`.
+accumulation boundary `finish_step` (reduce, metrics, log lines), the held-out evaluation
+when due (vlnflow.train.evaluate) and `save_if_due`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from vlnflow.train import checkpoints
 from vlnflow.train.data import keep_items, micro_batches
+from vlnflow.train.evaluate import evaluate
 from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
 from vlnflow.train.setup import TrainRun, build_run
 
@@ -58,7 +60,8 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
     """Train per config['train']; returns a summary. Every rank calls this."""
     run = build_run(config, run_dir, use_cache=use_cache, max_steps=max_steps)
     progress, resumed = restore(run)
-    metrics = MetricsLog(run.run_dir / "metrics.jsonl", enabled=run.is_rank0, append=bool(resumed))
+    tb = run.run_dir / "tb" if run.tcfg["tensorboard"] else None
+    metrics = MetricsLog(run.run_dir / "metrics.jsonl", enabled=run.is_rank0, append=bool(resumed), tensorboard_dir=tb)
     phases = PhaseTimer(enabled=run.tcfg["phase_timing"], device=run.device)
     window, summary = StepWindow(), {}
     while progress.step < run.total:
@@ -73,6 +76,8 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
                 continue
             progress.step += 1
             summary, cached, live = finish_step(run, progress, window, phases, metrics)
+            if eval_due(run, progress.step):
+                metrics.write(**evaluate(run, run.val, progress.step))
             save_if_due(run, progress, cached, live)
             _test_kill(run.rank, progress.step, resumed)
             window = StepWindow()
@@ -98,6 +103,12 @@ def restore(run: TrainRun) -> tuple[Progress, dict | None]:
     progress.live_logged = progress.live  # the per-step live count in the log starts from the restored total
     run.source.cached, run.source.live = progress.cached, progress.live
     return progress, resumed
+
+
+def eval_due(run: TrainRun, step: int) -> bool:
+    """Held-out evaluation every train.eval_every steps and at the last one, when samples are held out."""
+    every = run.tcfg["eval_every"]
+    return run.val is not None and (step == run.total or (every is not None and step % every == 0))
 
 
 def save_if_due(run: TrainRun, progress: Progress, cached: int, live: int) -> None:
