@@ -211,3 +211,27 @@ def test_workflow_benchmark_report_and_html(tmp_path):
     assert "Per-stage timing" in html and "timing.png" in html and "report.csv" in html
     # Neither `--report` nor a dry run with other flags makes the report stale.
     assert "Nothing to be done" in run("snakemake", "-n", "benchmark_report").stdout
+
+
+def test_validation_records_are_not_steps_and_are_plotted(tmp_path):
+    """Issue 12: metrics.jsonl val records (kind "val") stay out of the step table and go to the loss panel."""
+    from matplotlib.figure import Figure
+
+    from vlnflow.report.plot import _plot_losses
+    from vlnflow.report.sources import read_metrics, read_val_metrics
+
+    path = Path(_metrics(tmp_path / "metrics.jsonl", CACHED_STEPS))
+    with open(path, "a") as fh:
+        for step, loss in ((2, 3.5), (5, 3.25)):
+            fh.write(json.dumps({"kind": "val", "step": step, "val_loss": loss, "val_action_accuracy": 0.5}) + "\n")
+    steps = read_metrics(path)
+    assert steps["step"].tolist() == [s[0] for s in CACHED_STEPS] and "val_loss" not in steps
+    val = read_val_metrics(path)
+    assert val["step"].tolist() == [2, 5] and val["val_loss"].tolist() == [3.5, 3.25]
+    assert read_val_metrics(_metrics(tmp_path / "plain.jsonl", CACHED_STEPS)).empty
+    ax = Figure().subplots()
+    _plot_losses(ax, {"cached features": steps.assign(loss=2.0)}, {"held-out": val})
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["validation (held-out)"].get_xdata()) == [2, 5]
+    assert list(lines["validation (held-out)"].get_ydata()) == [3.5, 3.25]
+    assert list(lines["train (cached features)"].get_xdata()) == steps["step"].tolist()

@@ -27,3 +27,91 @@ def test_unknown_key_is_named(tmp_path):
     bad.write_text("spatial:\n  layers: -2\n")
     with pytest.raises(ConfigError, match="layers"):
         load_config(bad)
+
+
+# ---- JanusVLN's published recipe (scripts/train.sh of MIV-XJTU/JanusVLN) ----------------------------
+
+# Each flag of JanusVLN's scripts/train.sh that sets the optimisation, and the vlnflow setting that mirrors it.
+# max_grad_norm is HF's default (train.sh does not set it); 0.125 = 1.0 / 8 because JanusVLN's gradient is
+# the SUM of its 8 micro-batch means (see the config's header).
+JANUSVLN_FLAGS = {
+    "--tune_mm_vision False": ("model.freeze_vision", True),
+    "--tune_mm_mlp True": ("model.train_visual_merger", True),
+    "--learning_rate 2e-5": ("train.lr.llm", 2.0e-5),
+    "--mm_projector_lr 1e-5": ("train.lr.merger", 1.0e-5),
+    "--vision_tower_lr 1e-6 (frozen blocks: reaches nothing)": ("train.lr.vision", 0.0),
+    "--weight_decay 0.01": ("train.weight_decay", 0.01),
+    "--warmup_ratio 0.03": ("train.warmup_ratio", 0.03),
+    "--num_train_epochs 1": ("train.epochs", 1),
+    "--seed 42": ("train.seed", 42),
+    "--per_device_train_batch_size 1": ("train.per_device_batch", 1),
+    "--gradient_accumulation_steps 8": ("train.grad_accum", 8),
+    "max_grad_norm 1.0 (HF default) on an 8x gradient": ("train.grad_clip", 0.125),
+    "--bf16": ("train.bf16", True),
+    "--reference_frame first": ("spatial.reference_frame", "first"),
+    "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+}
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def test_r2r_config_reproduces_janusvln_train_sh():
+    path = ROOT / "configs" / "janusvln_r2r_h800.yaml"
+    config = load_config(path)
+    header = path.read_text().split("\ndataset:", 1)[0]
+    for flag, (key, value) in JANUSVLN_FLAGS.items():
+        assert _get(config, key) == value, (flag, key, _get(config, key))
+        assert key.rsplit(".", 1)[-1] in header, f"the config's header does not name {key} ({flag})"
+    assert config["train"]["max_steps"] is None  # the epoch decides the length, as --num_train_epochs does
+    assert config["train"]["grad_clip"] * config["train"]["grad_accum"] == 1.0  # = HF's max_grad_norm
+    assert config["dataset"]["val_fraction"] == 0.01 and config["train"]["eval_every"] >= 1
+    for flag in ("--tune_mm_mlp True", "--mm_projector_lr 1e-5", "--weight_decay 0.01", "--warmup_ratio 0.03",
+                 "--reference_frame first", "--gradient_accumulation_steps 8", "max_grad_norm"):
+        assert flag in header, flag
+
+
+def test_recipe_reaches_the_optimizer_and_deepspeed():
+    """Parameter groups, rates, weight-decay exclusions, warmup and clipping as the trainer builds them."""
+    import torch
+
+    from vlnflow.model.loading import build_model, resolve_model_config
+    from vlnflow.spatial.fingerprint import spatial_output
+    from vlnflow.train.deepspeed_config import build_ds_config
+    from vlnflow.train.setup import param_groups, warmup_steps
+
+    recipe = load_config(ROOT / "configs" / "janusvln_r2r_h800.yaml")
+    demo = load_config(ROOT / "config.yaml")
+    model_cfg = resolve_model_config({**demo, "model": {**demo["model"], "train_visual_merger": True}})
+    grid, channels = spatial_output(demo["spatial"])
+    model = build_model(model_cfg, channels, grid)
+    t = recipe["train"]
+    groups = {g["name"]: g for g in param_groups(model, t["lr"], t["weight_decay"])}
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert set(groups) == {"llm", "llm_no_decay", "merger", "merger_no_decay"}
+    assert [groups[k]["lr"] for k in ("llm", "llm_no_decay")] == [2.0e-5, 2.0e-5]
+    assert [groups[k]["lr"] for k in ("merger", "merger_no_decay")] == [1.0e-5, 1.0e-5]
+    assert groups["llm"]["weight_decay"] == groups["merger"]["weight_decay"] == 0.01
+    assert groups["llm_no_decay"]["weight_decay"] == groups["merger_no_decay"]["weight_decay"] == 0.0
+    merger_names = by_group["merger"] | by_group["merger_no_decay"]
+    assert any(n.startswith("merger.") for n in merger_names)  # the VGGT merger
+    assert any(n.startswith("qwen.model.visual.merger.") for n in merger_names)  # Qwen's own patch merger
+    assert all("merger" in n for n in merger_names)
+    # vision blocks frozen and in no group; the visual merger trainable
+    for name, p in model.named_parameters():
+        if name.startswith("qwen.model.visual."):
+            assert p.requires_grad == (".merger." in name), name
+    # biases undecayed, RMSNorm weights decayed (HF's rule: only nn.LayerNorm and "bias" are excluded)
+    decayed = by_group["llm"] | by_group["merger"]
+    assert all("bias" in n for n in by_group["llm_no_decay"] | by_group["merger_no_decay"])
+    assert any("norm" in n or "ln_q" in n for n in decayed) and not any("bias" in n for n in decayed)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())  # nothing else to exclude here
+    ds = build_ds_config({**t, "bf16": False}, world_size=8, cpu=False)
+    assert ds["gradient_clipping"] == 0.125
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 8, 64)
+    assert warmup_steps(t, total=1000) == 30 and warmup_steps(t, total=1001) == 31  # ceil(0.03 x total), as HF
+    assert warmup_steps({**t, "warmup_steps": 5}, total=1000) == 5  # explicit steps win, as HF

@@ -180,6 +180,20 @@ def test_gradients_reach_merger_and_llm_not_vision(data):
     assert all(p.grad is None and not p.requires_grad for p in model.visual.parameters())
 
 
+def test_train_visual_merger_trains_qwens_patch_merger_only(data):
+    """Issue 12 (JanusVLN's --tune_mm_mlp True): Qwen's visual.merger gets gradients, the vision blocks none."""
+    model = build_model(cfg(train_visual_merger=True), CHANNELS, GRID)
+    model.train()
+    assert not model.visual.training
+    model(batch_of(data, [0, 2])).backward()
+    merger = list(model.visual.merger.parameters())
+    assert merger and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in merger)
+    ids = {id(p) for p in merger}
+    blocks = [p for p in model.visual.parameters() if id(p) not in ids]
+    assert blocks and all(p.grad is None and not p.requires_grad for p in blocks)
+    assert all(p.grad is not None for p in model.merger.parameters())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(data):
     batch = batch_of(data, [0, 1])
     grads = []

@@ -171,3 +171,19 @@ def test_parser_options_reach_the_loop(capsys):
     assert (args.once, args.window, args.interval, args.results) == (True, 3, 5.0, "results")
     assert args.func(args) == 0
     assert fields(capsys.readouterr().out)["s/it"] == "2.30"  # steps 28..30: 2.3 2.4 2.0
+
+
+def test_validation_records_show_as_their_own_line_and_leave_the_step_statistics(tmp_path):
+    """Issue 12: metrics.jsonl records of kind "val" (held-out loss) are shown, never counted as steps."""
+    val = ('{"kind": "val", "step": %d, "val_loss": %s, "val_action_accuracy": %s, "val_samples": 61, '
+           '"val_tokens": 900, "val_s": 40.0, "time": %s}\n')
+    lines = METRICS[:10] + [val % (10, 2.75, 0.5, 1e9)] + METRICS[10:20] + [val % (20, 2.5, 0.625, 2e9)] + METRICS[20:]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(lines))
+    plain = fields(run_once(DATA / "metrics.jsonl"))
+    report = run_once(path)
+    got = fields("\n".join(line for line in report.splitlines() if not line.startswith("  val:")))
+    for key in ("step", "s/it", "steps/s", "eta", "loss", "cached", "live", "data_wait"):
+        assert got[key] == plain[key], key
+    assert "  val: step=20 loss=2.5000 action_acc=62.5% samples=61" in report, report
+    assert "val:" not in run_once(DATA / "metrics.jsonl")

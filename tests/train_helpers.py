@@ -62,13 +62,16 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 
 class Run:
-    """A finished training subprocess: its output, train.log and metrics.jsonl lines."""
+    """A finished training subprocess: its output, train.log and metrics.jsonl lines (`metrics`: the
+    optimizer-step records, `val`: the validation records, kind "val")."""
 
     def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
         self.proc, self.dir = proc, run_dir
         self.log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
         path = run_dir / "metrics.jsonl"
-        self.metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.metrics = [r for r in records if r.get("kind") != "val"]
+        self.val = [r for r in records if r.get("kind") == "val"]
 
     @property
     def losses(self) -> list[float]:

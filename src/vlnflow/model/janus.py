@@ -30,6 +30,7 @@ class JanusModel(nn.Module):
         spatial_grid: tuple[int, int],
         lam: float = 0.2,
         freeze_vision: bool = True,
+        train_visual_merger: bool = False,
     ):
         super().__init__()
         self.qwen = qwen
@@ -40,6 +41,9 @@ class JanusModel(nn.Module):
         if freeze_vision:
             self.visual.requires_grad_(False)
             self.visual.eval()
+            if train_visual_merger:  # JanusVLN's --tune_mm_mlp: the blocks frozen, Qwen's patch merger trained
+                self.visual.merger.requires_grad_(True)
+        self.vision_grad = any(p.requires_grad for p in self.visual.parameters())
 
     @property
     def visual(self) -> nn.Module:
@@ -83,7 +87,7 @@ class JanusModel(nn.Module):
         `vision`: the tower's metadata precomputed by host_prep (else computed here, on CPU).
         """
         kwargs = vision if vision is not None else vision_kwargs(image_grid_thw, self.visual.config, pixel_values.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_grad):
             out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
         return torch.cat(out.pooler_output, dim=0)
 

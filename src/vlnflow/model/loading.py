@@ -118,6 +118,7 @@ def build_model(
         grid,
         lam=float(model_cfg.get("lam", 0.2)),
         freeze_vision=bool(model_cfg.get("freeze_vision", True)),
+        train_visual_merger=bool(model_cfg.get("train_visual_merger", False)),
     )
 
 

@@ -23,6 +23,11 @@ Update = dict[str, Any]
 INT_KEYS = ("step", "max_steps", "cached_samples", "live_samples", "rank", "world_size")
 FLOAT_KEYS = ("time", "epoch", "s_per_it", "data_wait_s", "samples_per_s", "tokens_per_s", "loss", "lr")
 METRIC_KEYS = INT_KEYS + FLOAT_KEYS + ("gpu_mem_gib",)
+# A validation record (`"kind": "val"`) gives these instead: its step is the optimizer step it
+# evaluated, kept apart (val_step) so it never counts as a training step.
+VAL_INT_KEYS = ("val_samples",)
+VAL_FLOAT_KEYS = ("val_loss", "val_action_accuracy")
+VAL_KEYS = ("val_step",) + VAL_INT_KEYS + VAL_FLOAT_KEYS
 # Keys only text logs give: tqdm's elapsed seconds, the cache status line, the number of
 # "[ACCELERATION] Using cached features" lines, and the Trainer's end-of-training summary.
 TEXT_KEYS = ("elapsed_s", "cache_manifest", "cached_batches", "finished")
@@ -64,22 +69,33 @@ def parse_metrics_line(line: str) -> Update:
         raise ValueError(f"not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    update: Update = {}
-    for key in INT_KEYS + FLOAT_KEYS:
-        value = record.get(key)
-        if value is None:
-            continue
-        number = _number(value, integer=key in INT_KEYS)
-        if number is None:
-            kind = "an integer" if key in INT_KEYS else "a finite number"
-            raise ValueError(f'"{key}" must be {kind}, got {value!r}')
-        update[key] = number
+    if record.get("kind") == "val":
+        update = _numbers(record, ("step",) + VAL_INT_KEYS, VAL_FLOAT_KEYS)
+        if "step" in update:
+            update["val_step"] = update.pop("step")
+        return update
+    update = _numbers(record, INT_KEYS, FLOAT_KEYS)
     mem = record.get("gpu_mem_gib")
     if mem is not None:
         values = [_number(v, integer=False) for v in mem] if isinstance(mem, list) else [None]
         if any(v is None for v in values):
             raise ValueError(f'"gpu_mem_gib" must be a list of numbers, got {mem!r}')
         update["gpu_mem_gib"] = values
+    return update
+
+
+def _numbers(record: dict, int_keys: tuple[str, ...], float_keys: tuple[str, ...]) -> Update:
+    """The record's values of these keys, checked: integers where int_keys, finite numbers elsewhere."""
+    update: Update = {}
+    for key in int_keys + float_keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        number = _number(value, integer=key in int_keys)
+        if number is None:
+            kind = "an integer" if key in int_keys else "a finite number"
+            raise ValueError(f'"{key}" must be {kind}, got {value!r}')
+        update[key] = number
     return update
 
 

@@ -3,6 +3,7 @@
     [2026-11-27 14:40:05] results/train/demo/metrics.jsonl
       step=20/28710 s/it=55.29 steps/s=0.0181 eta=440:56:31 loss=2.3100 lr=1e-05 epoch=0.01 updated=12s_ago
       samples: cached=160 live=0 (100.0% cached) samples/s=2.89 tokens/s=5120 data_wait=3.1%
+      val: step=20 loss=2.4120 action_acc=61.3% samples=6125
       gpu0 NVIDIA H100 80GB HBM3: 61.2/79.6 GiB util=97%
 
 Unknown values print as `?`.
@@ -63,6 +64,19 @@ def _samples_line(s: Summary) -> str | None:
     return "  samples: " + " ".join(parts) if parts else None
 
 
+def _val_line(s: Summary) -> str | None:
+    """The newest held-out evaluation (metrics.jsonl records of kind "val"), if the run has one."""
+    latest = s.latest
+    if latest.get("val_loss") is None:
+        return None
+    parts = [f"step={_num(latest.get('val_step'), 'd')}", f"loss={latest['val_loss']:.4f}"]
+    if latest.get("val_action_accuracy") is not None:
+        parts.append(f"action_acc={100.0 * latest['val_action_accuracy']:.1f}%")
+    if latest.get("val_samples") is not None:
+        parts.append(f"samples={latest['val_samples']}")
+    return "  val: " + " ".join(parts)
+
+
 def _gpu_lines(reading: GpuReading, summary: Summary) -> list[str]:
     lines = [f"  gpu: {reading.problem or 'no GPU visible'}"] if not reading.gpus else [
         f"  gpu{g.index} {g.name}: {g.used_gib:.1f}/{g.total_gib:.1f} GiB util={_num(g.util_percent, 'd')}%"
@@ -94,6 +108,9 @@ def format_report(
     samples = _samples_line(summary)
     if samples:
         lines.append(samples)
+    val = _val_line(summary)
+    if val:
+        lines.append(val)
     lines.extend(_gpu_lines(gpus, summary))
     lines.extend(f"  warning: {p}" for p in problems or ())
     return "\n".join(lines)

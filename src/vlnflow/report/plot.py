@@ -1,4 +1,5 @@
-"""timing.png: where the wall time went per stage, and training s/it per logged step (cached vs live)."""
+"""timing.png: where the wall time went per stage, training s/it per logged step (cached vs live), and
+the loss curve with the held-out (validation) loss at its evaluation steps."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 
-def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str | Path) -> None:
-    """Bars of summed wall and CPU seconds per stage; a line of s/it per step for each training run."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
+def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str | Path,
+                val: dict[str, pd.DataFrame] | None = None) -> None:
+    """Bars of summed wall and CPU seconds per stage; a line of s/it per step for each training run;
+    training loss per step with `val` (label -> validation records: step, val_loss) as markers."""
+    fig = Figure(figsize=(15, 4), layout="constrained")
     FigureCanvasAgg(fig)  # Agg: no display, no global pyplot state
-    bars, steps = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    bars, steps, losses = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
     y = range(len(table))
     for offset, column, label in ((-0.2, "wall_s_sum", "wall s (sum over jobs)"), (0.2, "cpu_s", "CPU s")):
         values = table[column]
@@ -38,4 +41,26 @@ def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str
     steps.set_xlabel("optimizer step")
     steps.set_ylabel("s/it")
     steps.set_title("training step time")
+    _plot_losses(losses, runs, val or {})
     fig.savefig(out_png, dpi=100)
+
+
+def _plot_losses(ax, runs: dict[str, pd.DataFrame], val: dict[str, pd.DataFrame]) -> None:
+    """Training loss per logged step (line) and held-out loss per evaluation (markers)."""
+    drawn = False
+    for label, metrics in runs.items():
+        if "loss" in metrics:
+            x = metrics["step"] if "step" in metrics else range(1, len(metrics) + 1)
+            ax.plot(x, metrics["loss"], label=f"train ({label})")
+            drawn = True
+    for label, records in val.items():
+        ax.plot(records["step"], records["val_loss"], marker="o", linestyle="--", label=f"validation ({label})")
+        drawn = True
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over label tokens)")
+    ax.set_title("loss")

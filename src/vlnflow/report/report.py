@@ -281,5 +281,6 @@ def write_report(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)
     table.to_csv(out_csv, index=False)
-    plot_timing(table, runs, out_png)
+    val = {"held-out": sources.read_val_metrics(p) for p in inputs.train_metrics[:1]}
+    plot_timing(table, runs, out_png, val={k: v for k, v in val.items() if not v.empty})
     return table

@@ -37,8 +37,8 @@ def read_json(path: str | Path) -> dict:
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def read_metrics(path: str | Path) -> pd.DataFrame:
-    """metrics.jsonl -> one row per logged optimizer step (blank lines ignored, bad lines named)."""
+def _records(path: str | Path) -> list[dict]:
+    """The JSON lines of a metrics.jsonl (blank lines ignored, bad lines named)."""
     records = []
     with open(path) as fh:
         for number, line in enumerate(fh, 1):
@@ -48,6 +48,12 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+    return records
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """metrics.jsonl -> one row per logged optimizer step (validation records left out)."""
+    records = [r for r in _records(path) if r.get("kind") != "val"]
     if not records:
         raise UserError(f"{path} holds no training steps")
     table = pd.DataFrame.from_records(records)
@@ -55,6 +61,12 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         if key not in table.columns:
             raise UserError(f"{path}: training metrics lack '{key}'")
     return table
+
+
+def read_val_metrics(path: str | Path) -> pd.DataFrame:
+    """The validation records of a metrics.jsonl (kind "val": step, val_loss, ...); empty without any."""
+    records = [r for r in _records(path) if r.get("kind") == "val"]
+    return pd.DataFrame.from_records(records, columns=None if records else ["step", "val_loss"])
 
 
 def count_samples(path: str | Path) -> int:

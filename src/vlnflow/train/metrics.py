@@ -1,4 +1,5 @@
-"""Per-step training metrics as JSON lines (read by `vlnflow monitor` and the benchmark report)."""
+"""Per-step training metrics as JSON lines (read by `vlnflow monitor` and the benchmark report),
+and optionally the same numbers as TensorBoard event files (`tensorboard --logdir results/train`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from vlnflow.errors import UserError
+
 
 def gpu_memory_gib() -> list[float]:
     """Peak allocated memory of each local GPU since the last reset, GiB; [] without CUDA."""
@@ -17,16 +20,37 @@ def gpu_memory_gib() -> list[float]:
     return [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())]
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; each line is flushed so a follower never waits on a buffer."""
+# TensorBoard tag names HF users know (Trainer's "train/learning_rate", "eval/loss"); others keep their key.
+TB_NAMES = {"lr": "learning_rate"}
+TB_SKIP = ("step", "max_steps", "world_size", "rank", "time", "kind")
 
-    def __init__(self, path: str | Path, enabled: bool = True, append: bool = False):
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each line is flushed so a follower never waits on a buffer.
+
+    A record with `kind: "val"` is a validation result; the others are optimizer steps. With
+    `tensorboard_dir`, every numeric value also goes to a SummaryWriter there, at the record's
+    step, as "train/<key>" or (validation, `val_` dropped) "eval/<key>".
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True, append: bool = False,
+                 tensorboard_dir: str | Path | None = None):
         """`append` continues a resumed run's log; a fresh run starts a new file."""
         self.path = Path(path)
         self.enabled = enabled
+        self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a" if append else "w")
+            if tensorboard_dir is not None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as exc:
+                    raise UserError(
+                        f"train.tensorboard is true but TensorBoard cannot be imported ({exc}): install the pinned "
+                        f"tensorboard package (pyproject.toml) or set train.tensorboard: false"
+                    ) from None
+                self._tb = SummaryWriter(str(tensorboard_dir), flush_secs=10)
 
     def write(self, **record) -> None:
         if not self.enabled:
@@ -34,10 +58,22 @@ class MetricsLog:
         record.setdefault("time", time.time())
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        val = record.get("kind") == "val"
+        for key, value in record.items():
+            if key in TB_SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = key.removeprefix("val_") if val else key
+            self._tb.add_scalar(f"{'eval' if val else 'train'}/{TB_NAMES.get(name, name)}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self._fh.close()
+            if self._tb is not None:
+                self._tb.close()
 
 
 class PhaseTimer:
