@@ -148,3 +148,21 @@ def test_fa4_dense_call_sites_in_vggt_equal_sdpa(monkeypatch):
     t = 4 * 4 + encoder.model.patch_start_idx
     assert (t, t) in shapes  # frame attention
     assert {(t, 2 * t), (t, 3 * t)} <= set(shapes)  # block-causal prefixes and the kept layer's last frame
+
+
+def test_fa4_backward_only_at_verified_head_dims(monkeypatch):
+    """With autograd, flash-attn-4 runs only at head dims whose backward matched on an H200 (hd 128);
+    at other head dims (the vision tower's 80, the tiny model's 16) the call keeps the current kernel."""
+    calls = []
+    monkeypatch.setattr(fa4, "varlen", lambda q, *a, **k: calls.append(q.shape[-1]) or torch.zeros_like(q))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    for head_dim, grad, expect_fa4 in [(128, True, True), (80, True, False), (16, True, False), (80, False, True)]:
+        calls.clear()
+        q = torch.randn(8, 2, head_dim, requires_grad=grad)
+        k, v = torch.randn(8, 2, head_dim), torch.randn(8, 2, head_dim)
+        out = varlen_attention(q, k, v, cu, 5, causal=True, backend=fa4.FA4)
+        assert bool(calls) == expect_fa4, (head_dim, grad)
+        if not expect_fa4:  # the fallback computed real attention, not the stand-in's zeros
+            torch.testing.assert_close(out, varlen_attention(q, k, v, cu, 5, causal=True))
+    with torch.no_grad():
+        assert fa4.usable_for(torch.randn(4, 2, 80, requires_grad=True))

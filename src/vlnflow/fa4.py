@@ -67,6 +67,19 @@ def resolve(setting: str, key: str, device, fallback: str, choices: tuple[str, .
     return setting
 
 
+# Head dims whose flash-attn-4 BACKWARD matched the current kernels on an H200 (bench/check_kernels.py,
+# 2026-12-02, docs/benchmarks.md): hd 128 (the 7B LLM) dq/dk/dv rms rel <= 2.7e-3. At hd 80 (Qwen's vision
+# tower) and hd 16 (the tiny test model) dq came back wrong (rms rel ~1) while the forward matched, so
+# with autograd those calls keep the current kernel.
+BACKWARD_HEAD_DIMS = (128,)
+
+
+def usable_for(query: torch.Tensor) -> bool:
+    """Whether this call may go to flash-attn-4: always without autograd, with it only at a verified head dim."""
+    needs_backward = torch.is_grad_enabled() and query.requires_grad
+    return not needs_backward or query.shape[-1] in BACKWARD_HEAD_DIMS
+
+
 def _out(result) -> torch.Tensor:
     """flash_attn.cute returns (out, lse); keep only out (lse is None unless it was asked for)."""
     return result[0] if isinstance(result, tuple) else result

@@ -48,7 +48,7 @@ def varlen_attention(
     """
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if backend == fa4.FA4:
+    if backend == fa4.FA4 and fa4.usable_for(query):
         return fa4.varlen(query, key, value, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     if uses_flash_varlen(query):
         return _flash_varlen(query, key, value, cu_seqlens, max_seqlen, causal=causal, scale=scale)

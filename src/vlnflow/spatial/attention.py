@@ -32,9 +32,9 @@ def _bhtd(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
     """Unmasked attention over (N, Tq, H, D) queries and (N, Tk, H, D) keys/values -> (N, Tq, H, D)."""
-    if kernel == fa4.FA4:
+    if kernel == fa4.FA4 and fa4.usable_for(q):
         return fa4.dense(q, k, v)
-    if kernel != "sdpa":
+    if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r} ({' | '.join(KERNELS)})")
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
