@@ -53,13 +53,20 @@ class VarlenVisionAttention(Qwen2_5_VLVisionAttention):
 
 
 def use_varlen_vision_attention(visual: nn.Module, backend: str = "torch") -> int:
-    """V1: switch every vision attention module of `visual` to `VarlenVisionAttention`; returns the count."""
+    """V1: switch every vision attention module of `visual` to `VarlenVisionAttention`; returns the count.
+
+    With flash-attn-4 only the full-attention blocks (`fullatt_block_indexes`) use it: on an H200
+    (bench/check_kernels.py, docs/benchmarks.md) it took one sample's 9 whole images from 0.92 to 0.56 ms
+    per layer, but the 64-token windows of the other blocks from 0.18 to 0.58 ms, so those keep torch's.
+    """
+    full = set(getattr(visual.config, "fullatt_block_indexes", ()) or ())
     count = 0
-    for module in visual.modules():
-        if type(module) in (Qwen2_5_VLVisionAttention, VarlenVisionAttention):
-            module.__class__ = VarlenVisionAttention  # same state, forward replaced
-            module.attention_backend = backend
-            count += 1
+    for index, block in enumerate(getattr(visual, "blocks", [visual])):
+        for module in block.modules():
+            if type(module) in (Qwen2_5_VLVisionAttention, VarlenVisionAttention):
+                module.__class__ = VarlenVisionAttention  # same state, forward replaced
+                module.attention_backend = backend if backend == "torch" or index in full else "torch"
+                count += 1
     return count
 
 
