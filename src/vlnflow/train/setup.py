@@ -21,6 +21,7 @@ from vlnflow.errors import UserError
 from vlnflow.train import dist_check
 from vlnflow.train.data import TrainSamples
 from vlnflow.train.deepspeed_config import build_ds_config
+from vlnflow.train.memory_plan import plan_for_run
 from vlnflow.train.spatial_source import SpatialSource
 
 log = logging.getLogger("vlnflow.train")
@@ -72,8 +73,8 @@ def build_run(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_
     device, dist = init_distributed(config, run_dir, use_cache)
     torch.manual_seed(tcfg["seed"])
     samples, held_out = read_samples(tcfg["samples"], config["dataset"]["val_fraction"])
-    source, collator, model = build_model(config, device, use_cache)
     world = dist.get_world_size()
+    source, collator, model = build_model(config, device, use_cache, world)
     per_epoch = steps_per_epoch(len(samples), tcfg, world)
     total = max_steps or tcfg["max_steps"] or per_epoch * tcfg["epochs"]
     engine = build_engine(model, tcfg, world, device, total)
@@ -159,8 +160,9 @@ def steps_per_epoch(n_samples: int, tcfg: dict, world: int) -> int:
     return per_epoch
 
 
-def build_model(config: dict, device: torch.device, use_cache: bool):
-    """(spatial feature source, collator, JanusModel in train mode) for this run's settings."""
+def build_model(config: dict, device: torch.device, use_cache: bool, world: int = 1):
+    """(spatial feature source, collator, JanusModel in train mode) for this run's settings; the decoder
+    layers recomputed in backward follow train.memory_budget_gib for `world` ranks (vlnflow.train.memory_plan)."""
     from vlnflow.model.batching import Collator
     from vlnflow.model.loading import build_model as build_janus, load_processors, resolve_model_config
     from vlnflow.spatial.fingerprint import encoder_fingerprint, spatial_output
@@ -173,8 +175,9 @@ def build_model(config: dict, device: torch.device, use_cache: bool):
     model_cfg = resolve_model_config(config)
     tokenizer, image_processor = load_processors(model_cfg)
     model = build_janus(model_cfg, channels, grid, device=device)
-    if tcfg["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    plan = plan_for_run(config, model, world)  # None when train.gradient_checkpointing is false; logs the plan
+    if plan is not None:
+        model.checkpoint_layers(plan.checkpointed)
     model.train()
     collator = Collator(tokenizer, image_processor, model_cfg, dataset_root=config["dataset"]["root"])
     return source, collator, model

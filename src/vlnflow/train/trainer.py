@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from vlnflow.train import checkpoints
-from vlnflow.train.data import keep_items, micro_batches
+from vlnflow.train.data import micro_batches
 from vlnflow.train.evaluate import evaluate
 from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
+from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 from vlnflow.train.setup import TrainRun, build_run
 
 log = logging.getLogger("vlnflow.train")
@@ -138,7 +139,9 @@ def _test_kill(rank: int, step: int, resumed: dict | None) -> None:
 
 
 def epoch_batches(run: TrainRun, micro: int) -> Iterator:
-    """This rank's DataLoader over the rest of the epoch that micro-step `micro` falls in (resume skips exactly)."""
+    """This rank's micro-batches over the rest of the epoch that micro-step `micro` falls in (resume skips
+    exactly): packed (positions, labels, vision metadata) in the DataLoader workers, copied to the device
+    one ahead of the step that uses them, live features filled in (vlnflow.train.packed_loader)."""
     tcfg, loader_cfg = run.tcfg, run.tcfg["loader"]
     epoch, offset = divmod(micro, run.micro_per_epoch)
     batches = micro_batches(len(run.dataset), tcfg["per_device_batch"], run.world, run.rank, tcfg["seed"], epoch)
@@ -147,41 +150,28 @@ def epoch_batches(run: TrainRun, micro: int) -> Iterator:
     loader = torch.utils.data.DataLoader(
         run.dataset,
         batch_sampler=batches[offset:],
-        collate_fn=keep_items,
+        collate_fn=PackInWorker(run.collator, run.engine.module.qwen.config),
         num_workers=workers,
         pin_memory=loader_cfg["pin_memory"] and run.device.type == "cuda",
         prefetch_factor=loader_cfg["prefetch_factor"] if workers else None,
         persistent_workers=loader_cfg["persistent_workers"] and workers > 0,
     )
-    return iter(loader)
+    return iter(DeviceBatches(loader, run.source, run.device))
 
 
 def next_micro_batch(run: TrainRun, batches: Iterator, progress: Progress, window: StepWindow) -> dict | None:
     """The next packed micro-batch on the device (samples the cache lacks encoded live, counted), or
-    None at the end of the epoch. The wait for the DataLoader goes into window.wait."""
+    None at the end of the epoch. The wait (DataLoader, live VGGT, issuing the copy) goes into window.wait."""
     t0 = time.perf_counter()
     try:
-        items = next(batches)
+        batch, n_live = next(batches)
     except StopIteration:
         return None
     window.wait += time.perf_counter() - t0
-    feats = []
-    n_live = 0
-    for item in items:
-        if item.features is None:
-            feats.append(run.source.encode_live(item.vggt_frames).cpu())
-            n_live += 1
-        else:
-            feats.append(item.features)
-    progress.cached += len(items) - n_live
+    progress.cached += len(batch["sample_ids"]) - n_live
     progress.live += n_live
-    batch = run.collator.pack([i.encoded for i in items], feats)
     window.tokens += batch["input_ids"].numel()
-    return _to_device(batch, run.device)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch
 
 
 def micro_step(run: TrainRun, batch: dict, phases: PhaseTimer, window: StepWindow) -> None:
