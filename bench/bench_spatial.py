@@ -279,18 +279,21 @@ def main(argv=None) -> int:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def time_indexed(bsz: int, tag: dict) -> None:
+        """One `indexed` row: encode_indexed over an episode's steps 0..bsz-1 (frames shared between steps)."""
+        idx = episode_index(bsz)
+        unique = int(idx.max()) + 1
+        images = torch.rand(unique, 3, size, size, generator=gen).to(dev)
+        flops = trunk_flops(cfg, grid, s, keep) + unique / bsz * dino_flops(cfg, grid)
+        times = timed(lambda: base.encode_indexed(images, idx), dev, args.warmup, args.iters)
+        perf("indexed", times, bsz, flops, unique_images=unique, **tag)
+
     # (b') encode_indexed with an episode's frame sharing, on the best combo
     if best is not None:
         tag = use(best[1])
         for bsz in ints(args.indexed_batch_sizes):
             try:
-                idx = episode_index(bsz)
-                unique = int(idx.max()) + 1
-                images = torch.rand(unique, 3, size, size, generator=gen).to(dev)
-                flops = trunk_flops(cfg, grid, s, keep) + unique / bsz * dino_flops(cfg, grid)
-                times = timed(lambda: base.encode_indexed(images, idx), dev, args.warmup, args.iters)
-                perf("indexed", times, bsz, flops, unique_images=unique, **tag)
-                del images
+                time_indexed(bsz, tag)
             except Exception as exc:
                 add({"case": "indexed", "batch": bsz, "error": repr(exc), "trace": traceback.format_exc(limit=4)})
                 if dev.type == "cuda":
@@ -307,13 +310,7 @@ def main(argv=None) -> int:
             base.model.attention_kernel = base.attention_kernel_for(fa4.FA4)  # keeps the compiled block halves
             add({"case": "check_fa4", "indexed_fa4_vs_sdpa": rel(base.encode_indexed(x, idx), sdpa_out)})
             for bsz in ints(args.indexed_batch_sizes):
-                idx = episode_index(bsz)
-                unique = int(idx.max()) + 1
-                images = torch.rand(unique, 3, size, size, generator=gen).to(dev)
-                flops = trunk_flops(cfg, grid, s, keep) + unique / bsz * dino_flops(cfg, grid)
-                times = timed(lambda: base.encode_indexed(images, idx), dev, args.warmup, args.iters)
-                perf("indexed", times, bsz, flops, unique_images=unique, **tag)
-                del images
+                time_indexed(bsz, tag)
         except Exception as exc:
             add({"case": "indexed", "attention": fa4.FA4, "error": repr(exc), "trace": traceback.format_exc(limit=4)})
         finally:
