@@ -52,7 +52,7 @@ def base_config(work: Path, tiny: bool) -> dict:
     }
     if not tiny:
         overrides["spatial"] = {"preset": "vggt-1b", "image_size": 644, "device": "cuda", "batch_size": 1}
-        overrides["model"] = {"preset": "qwen2.5-vl-7b", "image_size": 644, "merger_hidden": 4096}
+        overrides["model"] = {"preset": "qwen2.5-vl-7b", "merger_hidden": 4096}
         overrides["train"]["bf16"] = True
     return load_config(ROOT / "config.yaml", overrides)
 
@@ -140,7 +140,7 @@ def load_and_predict(out: Path, config: dict, n: int, max_new: int, results: dic
     results["vggt_build_s"] = time.perf_counter() - t0
     rows = pd.read_parquet(config["train"]["samples"]).to_dict("records")
     rows = [r for r in rows if len(r["frames"]) == max(len(x["frames"]) for x in rows)][: n + 1]
-    samples = TrainSamples(pd.DataFrame(rows), predictor.collator, predictor.source, predictor.root, predictor.spatial_image_size)
+    samples = TrainSamples(pd.DataFrame(rows), predictor.collator, predictor.source, predictor.root)
     per = []
     for i in range(len(samples)):
         t0 = time.perf_counter()

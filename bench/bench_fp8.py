@@ -99,7 +99,7 @@ def encode_features(enc, rows, root: Path, size: int) -> torch.Tensor:
 
     out = []
     for row in rows:
-        frames = torch.stack([load_frame(root / rel_, size) for rel_ in row["frames"]])
+        frames = torch.stack([load_frame(root / rel_, geometry=enc.geometry) for rel_ in row["frames"]])
         with torch.inference_mode():
             out.append(enc.encode(frames[None].to(enc.device))[0].clone())
     return torch.stack(out)  # [N, P, C], bf16 on GPU (float32 on CPU)
@@ -166,12 +166,14 @@ def codec_timing(raw: torch.Tensor, device: torch.device) -> dict:
 def loss_curves(rows, root: Path, feats: dict[str, torch.Tensor], preset: dict, steps: int, device: torch.device, grid) -> dict:
     from vlnflow.model.batching import Collator
     from vlnflow.model.loading import build_model, load_processors
+    from vlnflow.spatial.geometry import FrameGeometry
 
-    model_cfg = {"preset": preset["model"], "qwen_path": None, "seed": 0, "image_size": preset["image_size"], "lam": 0.2,
+    model_cfg = {"preset": preset["model"], "qwen_path": None, "seed": 0, "lam": 0.2,
                  "merger_hidden": preset["merger_hidden"], "merger_weights": None, "freeze_vision": True,
                  "vision_fast": True, "llm_attention": "varlen", "dtype": "bfloat16"}  # fmt: skip
-    tokenizer, processor = load_processors(model_cfg)
-    collator = Collator(tokenizer, processor, model_cfg, dataset_root=str(root))
+    geometry = FrameGeometry("pad", preset["image_size"], preset["frame"])
+    tokenizer, processor = load_processors(model_cfg, geometry)
+    collator = Collator(tokenizer, processor, geometry, dataset_root=str(root))
     encoded = [collator.encode(r) for r in rows]
     channels = next(iter(feats.values())).shape[-1]
     curves = {}

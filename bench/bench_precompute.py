@@ -161,7 +161,7 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
         table = pd.read_parquet(shard)
         frames = [list(f) for f in table.frames]
         groups = make_batches(list(range(len(frames))), [len(f) for f in frames], config["spatial"]["batch_size"])
-        data = ShardFrames(wf / config["dataset"]["root"], table.sample_id.tolist(), frames, groups, config["spatial"]["image_size"])
+        data = ShardFrames(wf / config["dataset"]["root"], table.sample_id.tolist(), frames, groups, encoder.geometry)
         workers = config["cache"]["loader_workers"]
         h5 = wf / "results" / "cache" / f"{shard.stem}.h5"
         for b in DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):

@@ -92,7 +92,7 @@ def base_config(work: Path, tiny: bool) -> dict:
     )
     if not tiny:
         cfg["spatial"].update({"preset": "vggt-1b", "image_size": 644, "device": "cuda", "batch_size": 16})
-        cfg["model"].update({"preset": "qwen2.5-vl-7b", "image_size": 644, "merger_hidden": 4096})
+        cfg["model"].update({"preset": "qwen2.5-vl-7b", "merger_hidden": 4096})
         cfg["train"].update({"per_device_batch": 1, "grad_accum": 8, "bf16": True})
         cfg["cluster"]["backend"] = "nccl"
     return cfg
@@ -126,7 +126,7 @@ def prepare(work: Path, cfg: dict, tiny: bool, results: dict) -> None:
     merge_manifest(files, work / "cache" / "manifest.json", work / "cache" / "manifest.parquet")
     results["precompute_total"] = {"samples": n, "wall_s": time.perf_counter() - t0}
     # The reference way: frame by frame, batch 1, over a few samples' 9 frames (own streaming path).
-    frames = torch.rand(1, 9, 3, cfg["spatial"]["image_size"], cfg["spatial"]["image_size"], device=encoder.device)
+    frames = torch.rand(1, 9, 3, *encoder.geometry.vggt_hw, device=encoder.device)
     ts = []
     for _ in range(3 if not tiny else 1):
         if encoder.device.type == "cuda":

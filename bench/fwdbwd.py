@@ -177,27 +177,27 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
               deadline: float = float("inf")) -> list[dict]:
     """Build the model and data once, run the cases in order; a failing case is reported, not fatal."""
     from vlnflow.model.batching import Collator
-    from vlnflow.model.loading import build_model, load_processors, resolve_model_config
+    from vlnflow.model.loading import build_model, frame_geometry, load_processors, resolve_model_config
     from vlnflow.spatial.fingerprint import spatial_output
 
     grid, channels = spatial_output(cfg["spatial"])
     model_cfg = {**resolve_model_config(cfg), "attention": "torch"}
-    tokenizer, processor = load_processors(model_cfg)
+    geometry = frame_geometry(cfg)
+    tokenizer, processor = load_processors(model_cfg, geometry)
     t0 = time.perf_counter()
     model = build_model(model_cfg, channels, grid, device=device).train()
     log(f"model built in {time.perf_counter() - t0:.0f} s")
-    collator = Collator(tokenizer, processor, model_cfg, dataset_root=cfg["dataset"]["root"])
+    collator = Collator(tokenizer, processor, geometry, dataset_root=cfg["dataset"]["root"])
     model._bench_collator = collator
     source = RandomFeatures(grid, channels)
-    dataset = TrainSamples(samples, collator, source, cfg["dataset"]["root"], cfg["spatial"]["image_size"])
+    dataset = TrainSamples(samples, collator, source, cfg["dataset"]["root"])
     n_batches = warmup + steps
     order = np.random.default_rng(0).permutation(len(samples))[: n_batches * per_device].tolist()
     if len(order) < n_batches * per_device:
         raise RuntimeError(f"{len(samples)} samples do not fill {n_batches} micro-batches of {per_device}")
     batches = [order[i * per_device : (i + 1) * per_device] for i in range(n_batches)]
     shape = ModelShape.of(model)
-    size = int(model_cfg.get("image_size") or cfg["spatial"]["image_size"])
-    tokens_guess = per_device * tokens_per_sample(size, int(cfg["history"]["max_frames"]) + 1)
+    tokens_guess = per_device * tokens_per_sample(geometry.tokens_per_frame, int(cfg["history"]["max_frames"]) + 1)
     card_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 141.0
     fast = fa4.FA4 if not fa4.unavailable_reason(device) else "torch"
     plans = {
@@ -260,8 +260,10 @@ def tiny_janus_batch(device):
 
     from vlnflow.model.batching import Collator
     from vlnflow.model.loading import load_processors
+    from vlnflow.spatial.geometry import FrameGeometry
 
-    cfg = {"preset": "tiny", "image_size": 56, "merger_hidden": 24, "lam": 0.2}
+    cfg = {"preset": "tiny", "merger_hidden": 24, "lam": 0.2}
+    geometry = FrameGeometry("pad", 56, (64, 48))
     root = Path(tempfile.mkdtemp(prefix="vlnflow_tiny_"))
     rng = np.random.default_rng(0)
     for i in range(5):
@@ -269,8 +271,8 @@ def tiny_janus_batch(device):
     row = dict(episode_id="e", instruction="walk to the table", action="MOVE_FORWARD", prompt=None, answer=None,
                sub_instruction="walk forward", description_2d="a table", description_3d="ahead", source_format="episodes")
     rows = [{**row, "sample_id": f"s{i}", "frames": [f"f{j}.png" for j in range(i, i + 2 + i % 2)]} for i in range(3)]
-    tokenizer, processor = load_processors(cfg)
-    collator = Collator(tokenizer, processor, cfg, dataset_root=root)
+    tokenizer, processor = load_processors(cfg, geometry)
+    collator = Collator(tokenizer, processor, geometry, dataset_root=root)
     torch.manual_seed(0)
     batch = collator(rows, [torch.randn(16, 12).to(torch.bfloat16) for _ in rows])
     return cfg, to_device(batch, device)

@@ -74,6 +74,61 @@ def test_r2r_config_reproduces_janusvln_train_sh():
         assert flag in header, flag
 
 
+# The seed pipeline's scripts/train_h800.sh (shaoxiang/NewJanusVLN), flag -> vlnflow setting.
+SEED_FLAGS = {
+    "--tune_mm_vision False": ("model.freeze_vision", True),
+    "--tune_mm_mlp True": ("model.train_visual_merger", True),
+    "LEARNING_RATE=2e-5": ("train.lr.llm", 2.0e-5),
+    "--mm_projector_lr 1e-5": ("train.lr.merger", 1.0e-5),
+    "--vision_tower_lr 1e-6 (frozen blocks: reaches nothing)": ("train.lr.vision", 0.0),
+    "no --weight_decay (HF default 0.0)": ("train.weight_decay", 0.0),
+    "--warmup_ratio 0.03": ("train.warmup_ratio", 0.03),
+    "NUM_EPOCHS=3": ("train.epochs", 3),
+    "no --seed (HF default 42)": ("train.seed", 42),
+    "PER_DEVICE_BATCH=1": ("train.per_device_batch", 1),
+    "GRAD_ACCUM_STEPS=8": ("train.grad_accum", 8),
+    "max_grad_norm 1.0 (HF default) on an 8x gradient": ("train.grad_clip", 0.125),
+    "--bf16 True": ("train.bf16", True),
+    "SAVE_STEPS=1000": ("train.save_every", 1000),
+    "SAVE_TOTAL_LIMIT=4": ("train.keep_last", 4),
+    "reference_frame default last": ("spatial.reference_frame", "last"),
+    "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+}
+
+# What each preset's samples and frames are: (spatial.preprocess, history.pad, reference frame, prompt style).
+PRESET_SAMPLES = {
+    "janusvln_r2r_h800.yaml": ("crop", "none", "first", "action"),  # upstream create_data.py + data_qwen.py
+    "seed_r2r_h800.yaml": ("pad", "repeat_first", "last", "descriptions"),  # the seed's vln_data.py
+}
+
+
+def test_seed_config_reproduces_the_seed_train_h800_sh():
+    path = ROOT / "configs" / "seed_r2r_h800.yaml"
+    config = load_config(path)
+    header = path.read_text().split("\ndataset:", 1)[0]
+    for flag, (key, value) in SEED_FLAGS.items():
+        assert _get(config, key) == value, (flag, key, _get(config, key))
+        assert key.rsplit(".", 1)[-1] in header, f"the config's header does not name {key} ({flag})"
+    assert config["train"]["grad_clip"] * config["train"]["grad_accum"] == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_SAMPLES))
+def test_presets_prepare_samples_and_frames_as_the_code_they_mirror(name):
+    """Both presets run 640x480 R2R-CE frames at 644: crop -> 34x46 kept patches (391 tokens per frame), pad ->
+    46x46 (529); the header of each says which evaluation mode JanusVLN uses."""
+    from vlnflow.model.loading import frame_geometry
+
+    path = ROOT / "configs" / name
+    config = load_config(path)
+    preprocess, pad, reference, style = PRESET_SAMPLES[name]
+    assert (config["spatial"]["preprocess"], config["history"]["pad"], config["spatial"]["reference_frame"],
+            config["dataset"]["prompt_style"]) == (preprocess, pad, reference, style)
+    geometry = frame_geometry(config)
+    assert geometry.tokens_per_frame == {"crop": 391, "pad": 529}[preprocess]
+    header = path.read_text().split("\ndataset:", 1)[0]
+    assert "crop" in header and "evaluation" in header  # says what JanusVLN's evaluation feeds
+
+
 def test_recipe_reaches_the_optimizer_and_deepspeed():
     """Parameter groups, rates, weight-decay exclusions, warmup and clipping as the trainer builds them."""
     import torch

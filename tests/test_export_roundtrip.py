@@ -48,15 +48,16 @@ from vlnflow.config import load_config
 from vlnflow.cache.store import FeatureStore
 from vlnflow.infer.predict import Predictor
 from vlnflow.model.batching import Collator
-from vlnflow.model.loading import load_processors, resolve_model_config
+from vlnflow.model.loading import frame_geometry, load_processors, resolve_model_config
 from vlnflow.spatial.fingerprint import encoder_fingerprint
 from vlnflow.train.spatial_source import SpatialSource
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 config = load_config(args["--config"])
 model = engines[0].module.eval()
 model_cfg = resolve_model_config(config)
-tokenizer, processor = load_processors(model_cfg)
-collator = Collator(tokenizer, processor, model_cfg, dataset_root=config["dataset"]["root"])
+geometry = frame_geometry(config)
+tokenizer, processor = load_processors(model_cfg, geometry)
+collator = Collator(tokenizer, processor, geometry, dataset_root=config["dataset"]["root"])
 rows = pd.read_parquet(config["train"]["samples"]).to_dict("records")
 store = FeatureStore(config["train"]["cache"])
 batch = collator(rows[:2], [store.get(r["sample_id"]) for r in rows[:2]])
@@ -64,7 +65,7 @@ with torch.no_grad():
     logits = model.qwen.lm_head(model.hidden_states(batch))[0].float()
 save_file({"logits": logits.contiguous()}, str(Path(args["--run-dir"]) / "reference.safetensors"))
 source = SpatialSource(config, config["train"]["cache"], expected_fingerprint=encoder_fingerprint(config["spatial"]))
-predictor = Predictor(model, tokenizer, collator, source, config["spatial"]["image_size"], max_new_tokens=%d)
+predictor = Predictor(model, tokenizer, collator, source, max_new_tokens=%d)
 answers = [p.answer for p in predictor.predict_rows(rows[:%d])]
 (Path(args["--run-dir"]) / "reference.json").write_text(json.dumps({"answers": answers}))
 """ % (MAX_NEW, N_DECODE)
@@ -119,11 +120,12 @@ def batch_logits(model, config: dict) -> torch.Tensor:
 
     from vlnflow.cache.store import FeatureStore
     from vlnflow.model.batching import Collator
-    from vlnflow.model.loading import load_processors, resolve_model_config
+    from vlnflow.model.loading import frame_geometry, load_processors, resolve_model_config
 
     model_cfg = resolve_model_config(config)
-    tokenizer, processor = load_processors(model_cfg)
-    collator = Collator(tokenizer, processor, model_cfg, dataset_root=config["dataset"]["root"])
+    geometry = frame_geometry(config)
+    tokenizer, processor = load_processors(model_cfg, geometry)
+    collator = Collator(tokenizer, processor, geometry, dataset_root=config["dataset"]["root"])
     rows = pd.read_parquet(config["train"]["samples"]).to_dict("records")[:2]
     store = FeatureStore(config["train"]["cache"])
     with torch.no_grad():
@@ -164,7 +166,7 @@ def test_frozen_vision_weights_come_from_the_base_model(trained, exports):
     """The checkpoint has no vision tower (frozen params are excluded); the export has the base model's exactly."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from vlnflow.export.shards import iter_tensors, weight_files
+    from vlnflow.model.model_dir import iter_tensors, weight_files
     from vlnflow.model.loading import load_qwen, resolve_model_config
 
     _, run_dir, config, _ = trained
@@ -284,7 +286,7 @@ JANUSVLN_CONFIG_FIELDS = ("hidden_size", "vocab_size", "num_hidden_layers", "num
 
 @pytest.mark.slow
 def test_janusvln_layout_has_janusvlns_key_set_and_config_fields(trained, exports):
-    from vlnflow.export.shards import iter_tensors, weight_files
+    from vlnflow.model.model_dir import iter_tensors, weight_files
     from vlnflow.spatial import SpatialEncoder
 
     _, _, config, _ = trained
@@ -339,31 +341,51 @@ def test_export_refuses_a_missing_step_and_an_incomplete_checkpoint(trained, tmp
 
 
 @pytest.mark.slow
-def test_snakemake_export_rule_writes_results_export_and_predict_reads_it(demo_data, workflow_copy):
-    """The workflow's export rule after train (live VGGT, 1 step): results/export/<run> is a complete export."""
+def test_crop_end_to_end_and_a_pad_cache_is_refused(demo_data, workflow_copy):
+    """Snakemake on the demo with crop frames: index -> precompute -> validate -> train 2 steps -> export;
+    the export records crop and `vlnflow predict` reads it; a cache built from pad frames is refused by the run."""
+    import shutil
     import subprocess
     import sys
 
+    from vlnflow.errors import UserError
+    from vlnflow.spatial.fingerprint import encoder_fingerprint
+    from vlnflow.train.spatial_source import SpatialSource
+
     workflow_copy.configure({
         "dataset": {"root": str(demo_data / "episodes")},
-        "train": {"cache": None, "max_steps": 1, "save_every": 1, "per_device_batch": 2, "grad_accum": 1},
+        "spatial": {"preprocess": "pad"},
+        "train": {"max_steps": 2, "save_every": 2, "per_device_batch": 2, "grad_accum": 1},
     })
-    workflow_copy.snakemake("export", cores=2)
+    workflow_copy.snakemake("precompute_all", cores=2)
+    pad_cache = workflow_copy.path / "results" / "cache_pad"
+    shutil.copytree(workflow_copy.path / "results" / "cache", pad_cache)
+    assert json.loads((pad_cache / "manifest.json").read_text())["feature_shape"][0] == 16  # 4x4 pad grid at 56
+    workflow_copy.configure({"spatial": {"preprocess": "crop"}})
+    workflow_copy.snakemake("export", cores=2)  # every shard recomputed for crop, then train and export
+    manifest = json.loads((workflow_copy.path / "results" / "cache" / "manifest.json").read_text())
+    assert manifest["grid"] == [2, 4] and manifest["feature_shape"][0] == 8  # 42x56 crop input, 2x4 merge blocks
     out = workflow_copy.path / "results" / "export" / "demo"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "preprocessor_config.json"} <= names
     assert any(n.startswith("model-") and n.endswith(".safetensors") for n in names)
-    assert json.loads((out / "vlnflow_export.json").read_text())["step"] == 1
+    assert json.loads((out / "vlnflow_export.json").read_text())["step"] == 2
+    settings = json.loads((out / "config.json").read_text())["vlnflow"]
+    assert settings["spatial"]["preprocess"] == "crop"
+    assert settings["frames"]["qwen_hw"] == [28, 56] and settings["frames"]["tokens_per_frame"] == 2
     proc = subprocess.run([str(Path(sys.executable).parent / "vlnflow"), "predict", "--model", str(out), "--n", "2",
                            "--max-new-tokens", "4"], cwd=workflow_copy.path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^action accuracy: \d+/2 = ", proc.stdout, re.M), proc.stdout
+    config = load_config(workflow_copy.path / "config.yaml")
+    with pytest.raises(UserError, match="was built by encoder .* but this run's spatial settings give"):
+        SpatialSource(config, pad_cache / "manifest.json", expected_fingerprint=encoder_fingerprint(config["spatial"]))
 
 
 @pytest.mark.slow
 def test_zero3_checkpoint_exports_the_same_weights_as_zero2(trained, exports):
     """ZeRO-3 partitions every parameter; DeepSpeed's consolidation gathers them: same model as the zero2 run."""
-    from vlnflow.export.shards import iter_tensors, weight_files
+    from vlnflow.model.model_dir import iter_tensors, weight_files
 
     work, _, _, _ = trained
     overrides = deep_merge(json.loads((work / "overrides.json").read_text()), {"train": {"deepspeed": "zero3"}})

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from vlnflow.export.shards import INDEX, ExportError, check_shards, iter_tensors, write_shards
+from vlnflow.export.shards import write_shards
+from vlnflow.model.model_dir import INDEX, ExportError, check_shards, iter_tensors
 
 
 @pytest.fixture

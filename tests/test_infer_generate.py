@@ -19,7 +19,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(demo_data, tmp_path_factory):
     from vlnflow.data.index import IndexSettings, build_index
-    from vlnflow.model.loading import build_model, load_processors, resolve_model_config
+    from vlnflow.model.loading import build_model, frame_geometry, load_processors, resolve_model_config
     from vlnflow.spatial.fingerprint import spatial_output
 
     work = tmp_path_factory.mktemp("generate")
@@ -28,8 +28,9 @@ def setup(demo_data, tmp_path_factory):
     model_cfg = resolve_model_config(config)
     grid, channels = spatial_output(config["spatial"])
     model = build_model(model_cfg, channels, grid).eval()
-    tokenizer, processor = load_processors(model_cfg)
-    collator = Collator(tokenizer, processor, model_cfg, dataset_root=config["dataset"]["root"])
+    geometry = frame_geometry(config)
+    tokenizer, processor = load_processors(model_cfg, geometry)
+    collator = Collator(tokenizer, processor, geometry, dataset_root=config["dataset"]["root"])
     row = pd.read_parquet(work / "samples.parquet").to_dict("records")[0]
     features = torch.randn(grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0))
     return model, collator, row, features

@@ -15,6 +15,7 @@ from PIL import Image
 from vlnflow import fa4
 from vlnflow.errors import UserError
 from vlnflow.model.batching import Collator
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.model.loading import build_model, load_processors
 from vlnflow.model.packed_attention import PACKED_ATTENTION, PACKED_ATTENTION_FA4, use_packed_attention
 from vlnflow.model.varlen import varlen_attention
@@ -22,8 +23,9 @@ from vlnflow.model.vision_fast import VarlenVisionAttention, use_varlen_vision_a
 from vlnflow.spatial import SpatialEncoder
 
 GRID, CHANNELS = (4, 4), 12
+GEOMETRY = FrameGeometry("pad", 56, (64, 48))  # the tests' 64x48 frames, a 4x4 grid
 MODEL_CFG = {
-    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "image_size": 56, "vision_fast": True,
+    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "vision_fast": True,
     "llm_attention": "varlen", "freeze_vision": True, "merger_hidden": 24, "merger_weights": None,
     "dtype": "bfloat16", "tiny": {},
 }
@@ -98,8 +100,8 @@ def data(tmp_path):
              prompt="Past: <image><image>\nNow: <image>\nWhat next?", answer="The next action is STOP.",
              sub_instruction=None, description_2d=None, description_3d=None, source_format="annotations"),
     ]
-    tokenizer, processor = load_processors(MODEL_CFG)
-    collator = Collator(tokenizer, processor, MODEL_CFG, dataset_root=tmp_path)
+    tokenizer, processor = load_processors(MODEL_CFG, GEOMETRY)
+    collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=tmp_path)
     torch.manual_seed(1)
     return collator([rows[0], rows[1]], [torch.randn(16, CHANNELS) for _ in range(2)])
 

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 
 from vlnflow.model.batching import Collator
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.model.loading import build_model, load_processors
 from vlnflow.train.memory_plan import GIB, ModelShape, checkpoint_plan, state_bytes, tokens_per_sample
 
 SEVEN_B = ModelShape()
-MICRO_4 = 4 * tokens_per_sample(644, 9)  # the default packed micro-batch: 4 samples x ~5.3k tokens
+MICRO_4 = 4 * tokens_per_sample(529, 9)  # the default packed micro-batch: 4 samples x ~5.3k tokens
 
 
 def test_memory_model_of_the_7b_shape():
-    assert tokens_per_sample(644, 9) == 9 * 529 + 550
+    assert tokens_per_sample(529, 9) == 9 * 529 + 550
     assert SEVEN_B.layer_bytes_per_token() == 16 * 3584 + 4 * 512 + 8 * 18944 + 4 * 28  # ~206 KiB
     # ZeRO-2 on 8 GPUs: 2 B/param replicated (16.7 GB) + 16 B/param sharded (15.3 GB) + two 200M-element buckets
     assert state_bytes(SEVEN_B, 8) == pytest.approx(2 * 8.336e9 + 16 * 7.66e9 / 8 + 8e8)
@@ -48,7 +49,7 @@ def test_checkpointed_layers_are_spread_and_edge_cases():
     assert gaps.max() - gaps.min() <= 1  # evenly spread over the depth
     assert checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=8, budget_gib=None).checkpointed == tuple(range(28))
     # a small micro-batch on a big card: nothing to recompute
-    assert checkpoint_plan(SEVEN_B, tokens=tokens_per_sample(644, 9), gpus=8, budget_gib=141).checkpointed == ()
+    assert checkpoint_plan(SEVEN_B, tokens=tokens_per_sample(529, 9), gpus=8, budget_gib=141).checkpointed == ()
     tight = checkpoint_plan(SEVEN_B, tokens=MICRO_4, gpus=1, budget_gib=40)
     assert not tight.fits and tight.checkpointed == tuple(range(28)) and "DOES NOT FIT" in tight.describe()
 
@@ -59,11 +60,12 @@ def tiny(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
-    cfg = {"preset": "tiny", "image_size": 56, "merger_hidden": 24, "tiny": {"text_layers": 3}}
-    tokenizer, processor = load_processors(cfg)
+    cfg = {"preset": "tiny", "merger_hidden": 24, "tiny": {"text_layers": 3}}
+    geometry = FrameGeometry("pad", 56, (64, 48))
+    tokenizer, processor = load_processors(cfg, geometry)
     row = dict(sample_id="a", episode_id="e", frames=["f0.png", "f1.png"], instruction="walk", action="STOP", prompt=None,
                answer=None, sub_instruction="stop", description_2d="a door", description_3d="ahead", source_format="episodes")
-    batch = Collator(tokenizer, processor, cfg, dataset_root=root)([row], [torch.randn(16, 12)])
+    batch = Collator(tokenizer, processor, geometry, dataset_root=root)([row], [torch.randn(16, 12)])
     return cfg, batch
 
 
@@ -94,7 +96,7 @@ def test_plan_for_run_reads_the_train_settings(tiny):
 
     cfg, _ = tiny
     model = build_model(cfg, 12, (4, 4))
-    config = {"model": {"image_size": None}, "spatial": {"image_size": 644}, "history": {"max_frames": 8},
+    config = {"model": {"image_size": None}, "spatial": {"image_size": 644, "preprocess": "pad"}, "history": {"max_frames": 8},
               "train": {"gradient_checkpointing": True, "per_device_batch": 4, "deepspeed": "zero2", "memory_budget_gib": 80}}
     plan = plan_for_run(config, model, world=8)
     assert plan.layers == 3 and plan.checkpointed == () and plan.estimate_gib["tokens"] == MICRO_4

@@ -1,4 +1,4 @@
-"""Sample rows -> chat tokens with masked prompts -> one packed batch; frames padded like JanusVLN."""
+"""Sample rows -> chat tokens with masked prompts -> one packed batch; Qwen's frames prepared like JanusVLN's."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from vlnflow.errors import DatasetError
 from vlnflow.model.batching import Collator
 from vlnflow.data.prompts import build_prompt
 from vlnflow.model.chat import IGNORE_INDEX, conversation, tokenize_conversation
-from vlnflow.model.frames import load_padded_frame, pad_to_square
+from vlnflow.model.frames import load_qwen_frame, qwen_image
 from vlnflow.model.tiny import build_image_processor, build_tiny_tokenizer
+from vlnflow.spatial.geometry import FrameGeometry
 
-MODEL_CFG = {"image_size": 56}
+GEOMETRY = FrameGeometry("pad", 56, (64, 48))
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +56,21 @@ def test_rows_without_turns_get_them_from_the_data_prompt_builders():
     assert answer == "SUBINSTRUCTION: walk forward\n2D_DESCRIPTION: a sofa ahead\n3D_DESCRIPTION: two meters ahead\nACTION: MOVE_FORWARD"
     # a missing description falls back to JanusVLN's action-only answer
     assert conversation(episode_row("s", ["a"], description_3d=None), 1) == (
-        build_prompt("walk to the sofa", 1, "action"), "MOVE_FORWARD"
+        build_prompt("walk to the sofa", 1, "action").replace("<image>\n", "<image>"), "MOVE_FORWARD"
     )
     with pytest.raises(DatasetError, match="sample 's'.*no prompt/answer"):
         conversation(episode_row("s", ["a"], action=None), 1)
 
 
-def test_annotation_prompt_and_answer_are_used_verbatim():
+def test_annotation_prompt_and_answer_are_used_as_upstreams_loader_reads_them():
+    """Upstream data_qwen.py joins each <image> with the next line; the seed's structured prompts keep theirs."""
     row = annotation_row("ann-7", ["a", "b"], "History: <image>\nNow: <image>\nWhere next?", "The next action is TURN_LEFT.")
-    assert conversation(row, 2) == ("History: <image>\nNow: <image>\nWhere next?", "The next action is TURN_LEFT.")
+    assert conversation(row, 2) == ("History: <image>Now: <image>Where next?", "The next action is TURN_LEFT.")
+    structured = "SUBINSTRUCTION: a\n2D_DESCRIPTION: b\n3D_DESCRIPTION: c\nACTION: STOP"
+    assert conversation(annotation_row("seed", ["a"], "Now: <image>\nGo", structured), 1)[0] == "Now: <image>\nGo"
+    upstream = build_prompt("go to the door", 3, "action")  # create_data.py's text
+    assert "observation:<image><image> This is your current observation:<image> Your task is to go to the door\n" in (
+        conversation(annotation_row("up", ["a", "b", "c"], upstream, "STOP"), 3)[0])
     with pytest.raises(DatasetError, match=r"sample 'ann-7'.*2 <image> placeholders.*3 frames"):
         conversation(row, 3)
     with pytest.raises(DatasetError, match="sample 'bad'.*reserved token"):
@@ -86,38 +93,58 @@ def test_labels_cover_exactly_the_answer_and_its_end_token(tokenizer):
     assert tokenizer(expanded, add_special_tokens=False)["input_ids"] == ids
 
 
-def test_pad_to_square_follows_vggt_pad_mode():
+def test_pad_frames_follow_vggt_pad_mode():
     frame = Image.new("RGB", (640, 480), (10, 20, 30))
-    square = np.asarray(pad_to_square(frame, 644))
+    square = np.asarray(qwen_image(frame, FrameGeometry("pad", 644, (640, 480))))
     assert square.shape == (644, 644, 3)
     content_rows = np.where((square != 255).any(axis=(1, 2)))[0]
     assert (content_rows.min(), content_rows.max()) == (77, 77 + 490 - 1)  # 644 x 490 content, 77 white rows each side
-    portrait = np.asarray(pad_to_square(Image.new("RGB", (480, 640), (0, 0, 0)), 644))
+    portrait = np.asarray(qwen_image(Image.new("RGB", (480, 640), (0, 0, 0)), FrameGeometry("pad", 644, (480, 640))))
     assert np.where((portrait != 255).any(axis=(0, 2)))[0].min() == 77
 
 
+def test_crop_frames_are_the_vggt_image_cut_to_whole_merge_blocks():
+    """Upstream process_image_unified_vggt: 640x480 -> VGGT 490x644 -> Qwen gets its top 476 rows."""
+    rng = np.random.default_rng(5)
+    frame = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    geometry = FrameGeometry("crop", 644, (640, 480))
+    qwen = np.asarray(qwen_image(frame, geometry))
+    assert qwen.shape == (476, 644, 3) and geometry.qwen_hw == (476, 644)
+    vggt = np.asarray(frame.resize((644, 490), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(qwen, vggt[:476])
+
+
 def test_qwen_frame_equals_the_vggt_input_frame(tmp_path):
-    """JanusVLN feeds Qwen the same padded square as VGGT; keep this copy in step with spatial.preprocess."""
+    """JanusVLN feeds Qwen the same image as VGGT (cut to whole merge blocks): Qwen's pixels are VGGT's x 255."""
     from vlnflow.spatial.preprocess import load_frame
 
     rng = np.random.default_rng(3)
-    for i, (w, h) in enumerate([(640, 480), (300, 500), (56, 56)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        ours = np.asarray(load_padded_frame(tmp_path / f"{i}.png", 644), dtype=np.float32) / np.float32(255.0)
-        theirs = load_frame(tmp_path / f"{i}.png", 644).permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(ours, theirs)
+    for mode in ("pad", "crop"):
+        for i, (w, h) in enumerate([(640, 480), (300, 500), (56, 56)]):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+            geometry = FrameGeometry(mode, 644, (w, h))
+            ours = np.asarray(load_qwen_frame(tmp_path / f"{i}.png", geometry), dtype=np.float32) / np.float32(255.0)
+            theirs = load_frame(tmp_path / f"{i}.png", geometry=geometry).permute(1, 2, 0).numpy()
+            qh, qw = geometry.qwen_hw
+            np.testing.assert_array_equal(ours, theirs[:qh, :qw])
 
 
 def test_rgba_frames_are_composited_on_white(tmp_path):
     rgba = np.zeros((28, 28, 4), dtype=np.uint8)  # fully transparent black
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
-    assert np.asarray(load_padded_frame(tmp_path / "t.png", 28)).min() == 255
+    assert np.asarray(load_qwen_frame(tmp_path / "t.png", FrameGeometry("pad", 28, (28, 28)))).min() == 255
     with pytest.raises(DatasetError, match="missing.png"):
-        load_padded_frame(tmp_path / "missing.png", 28)
+        load_qwen_frame(tmp_path / "missing.png", FrameGeometry("pad", 28, (28, 28)))
+
+
+def test_a_frame_of_another_size_is_an_error_naming_it(tmp_path):
+    Image.new("RGB", (1280, 720)).save(tmp_path / "wide.png")
+    with pytest.raises(DatasetError, match=r"wide.png gives a 364x644 crop image.*spatial.frame_size 640x480 gives 490x644"):
+        load_qwen_frame(tmp_path / "wide.png", FrameGeometry("crop", 644, (640, 480)))
 
 
 def test_collate_packs_samples_without_padding(tokenizer, root):
-    collator = Collator(tokenizer, build_image_processor(56), MODEL_CFG, dataset_root=root)
+    collator = Collator(tokenizer, build_image_processor(56), GEOMETRY, dataset_root=root)
     rows = [
         episode_row("a", ["f0.png", "f1.png"]),
         annotation_row("b", ["f2.png", "f3.png", "f4.png"], "<image><image> then <image>: go?", "TURN_LEFT"),
@@ -149,7 +176,7 @@ def test_collate_packs_samples_without_padding(tokenizer, root):
 
 
 def test_collate_names_the_sample_with_a_bad_feature_map(tokenizer, root):
-    collator = Collator(tokenizer, build_image_processor(56), MODEL_CFG, dataset_root=root)
+    collator = Collator(tokenizer, build_image_processor(56), GEOMETRY, dataset_root=root)
     rows = [episode_row("a", ["f0.png"]), episode_row("odd", ["f1.png"])]
     with pytest.raises(DatasetError, match="sample 'odd'"):
         collator(rows, [torch.zeros(16, 8), torch.zeros(9, 8)])

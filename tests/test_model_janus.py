@@ -16,13 +16,15 @@ from safetensors.torch import save_file
 
 from vlnflow.config import ConfigError
 from vlnflow.model.batching import Collator
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.model.loading import build_model, load_processors, load_qwen
 from vlnflow.model.tiny import write_tiny_checkpoint
 
 GRID = (4, 4)  # spatial grid of a 56x56 frame (VGGT patch 14)
 CHANNELS = 12
+GEOMETRY = FrameGeometry("pad", 56, (64, 48))  # the tests' 64x48 frames, a 4x4 grid
 BASE_CFG = {
-    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "image_size": 56, "vision_fast": True,
+    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "vision_fast": True,
     "llm_attention": "varlen", "freeze_vision": True, "merger_hidden": 24, "merger_weights": None,
     "dtype": "bfloat16", "tiny": {},
 }
@@ -50,8 +52,8 @@ def data(tmp_path_factory):
              action="TURN_LEFT", prompt=None, answer=None, sub_instruction="turn left", description_2d="a door",
              description_3d=None, source_format="episodes"),
     ]
-    tokenizer, processor = load_processors(BASE_CFG)
-    collator = Collator(tokenizer, processor, BASE_CFG, dataset_root=root)
+    tokenizer, processor = load_processors(BASE_CFG, GEOMETRY)
+    collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=root)
     torch.manual_seed(1)
     features = [torch.randn(GRID[0] * GRID[1], CHANNELS) * (i + 1) for i in range(3)]
     return collator, rows, features
@@ -207,11 +209,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-7)
 
 
-def test_spatial_grid_must_match_qwen_image_size(data):
+def test_spatial_grid_must_match_the_qwen_image_grid(data):
     model = build_model(BASE_CFG, CHANNELS, (6, 6))
     batch = batch_of(data, [0])
     batch["spatial_features"] = torch.zeros(1, 36, CHANNELS)
-    with pytest.raises(ValueError, match="model.image_size must match spatial.image_size"):
+    with pytest.raises(ValueError, match="must come from the run's frame geometry"):
         model(batch)
 
 
@@ -224,7 +226,7 @@ def test_loads_qwen_and_merger_weights_from_directories(data, tmp_path):
     assert torch.equal(model.qwen.lm_head.weight, reference.lm_head.weight)
     for a, b in zip(model.merger.state_dict().values(), source.merger.state_dict().values()):
         assert torch.equal(a, b)
-    tokenizer, processor = load_processors(cfg(qwen_path=str(ckpt)))
+    tokenizer, processor = load_processors(cfg(qwen_path=str(ckpt)), GEOMETRY)
     assert tokenizer.get_vocab() == data[0].tokenizer.get_vocab()
     assert processor.size["shortest_edge"] == 56 * 56
     with pytest.raises(ConfigError, match="model.qwen_path"):

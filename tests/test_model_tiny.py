@@ -54,8 +54,11 @@ def test_image_processor_pins_the_grid_and_refuses_bad_sizes():
     out = processor(images=[image, image], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     assert out["pixel_values"].shape == (2 * 64, 3 * 2 * 14 * 14)
-    with pytest.raises(ValueError, match="model.image_size=70"):
+    with pytest.raises(ValueError, match="70x70: both sides must be positive multiples of 28"):
         build_image_processor(70)
+    crop = build_image_processor((476, 644))  # upstream's 640x480 crop frame, cut to whole merge blocks
+    out = crop(images=[Image.fromarray(np.zeros((476, 644, 3), dtype=np.uint8))], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 34, 46]]
 
 
 def test_tiny_checkpoint_loads_like_a_real_one(tmp_path):
@@ -92,14 +95,18 @@ def test_qwen7b_config_has_the_real_parameter_count():
 
 
 def test_config_model_section_defaults_and_image_size(tmp_path):
-    from vlnflow.config import ConfigError, load_config
+    from vlnflow.config import load_config
+    from vlnflow.errors import UserError
     from vlnflow.model.loading import resolve_model_config
     from vlnflow.model.tiny import TINY_DEFAULTS
 
     config = load_config("config.yaml")
     model_cfg = resolve_model_config(config)
-    assert model_cfg["image_size"] == config["spatial"]["image_size"]  # null follows the VGGT input size
+    assert "image_size" not in model_cfg  # Qwen's image size comes from the frame geometry
     assert model_cfg["tiny"] == TINY_DEFAULTS  # schema defaults and code defaults agree
     assert model_cfg["lam"] == 0.2 and model_cfg["llm_attention"] in ("varlen", "sdpa")
-    with pytest.raises(ConfigError, match="model.image_size"):
-        load_config("config.yaml", overrides={"model": {"image_size": 70}})
+    size = config["spatial"]["image_size"]
+    same = load_config("config.yaml", overrides={"model": {"image_size": size}})
+    assert resolve_model_config(same) == model_cfg  # the deprecated key, when it agrees, changes nothing
+    with pytest.raises(UserError, match="model.image_size' is 70 but spatial.image_size is 56"):
+        resolve_model_config(load_config("config.yaml", overrides={"model": {"image_size": 70}}))

@@ -12,12 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlnflow.model.batching import Collator
 from vlnflow.model.host_prep import HOST_KEYS, to_device, vision_kwargs
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.model.loading import build_model, load_processors
 from vlnflow.train.data import TrainItem
 from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 
+GEOMETRY = FrameGeometry("pad", 56, (64, 48))  # the tests' 64x48 frames, a 4x4 grid
 MODEL_CFG = {
-    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "image_size": 56, "vision_fast": True,
+    "qwen_path": None, "preset": "tiny", "seed": 0, "lam": 0.2, "vision_fast": True,
     "llm_attention": "varlen", "freeze_vision": True, "merger_hidden": 24, "merger_weights": None,
     "dtype": "bfloat16", "tiny": {},
 }
@@ -38,8 +40,8 @@ def setup(tmp_path_factory):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
     rows = [row("a", ["f0.png", "f1.png"]), row("b", ["f2.png", "f3.png", "f4.png"], action="STOP"), row("c", ["f5.png"])]
-    tokenizer, processor = load_processors(MODEL_CFG)
-    collator = Collator(tokenizer, processor, MODEL_CFG, dataset_root=root)
+    tokenizer, processor = load_processors(MODEL_CFG, GEOMETRY)
+    collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=root)
     model = build_model(MODEL_CFG, CHANNELS, GRID)
     torch.manual_seed(3)
     features = [torch.randn(GRID[0] * GRID[1], CHANNELS) for _ in rows]

@@ -97,6 +97,25 @@ def test_encode_indexed_equals_encode_exactly(reference_frame):
         enc.encode_indexed(images, torch.tensor([[0, 6]]))
 
 
+@pytest.mark.parametrize("reference_frame", ["first", "last"])
+def test_crop_frames_through_the_encoder_equal_streaming_cut_to_merge_blocks(reference_frame):
+    """640x480 crop frames at 56: a 42x56 input (3x4 patches, DINOv2's table resampled to a non-square grid);
+    every path gives the streamed last frame's layer -2 map cut to the first 2 rows (whole 2x2 blocks)."""
+    enc = tiny_encoder(reference_frame=reference_frame, preprocess="crop", frame_size=[640, 480])
+    assert enc.geometry.vggt_hw == (42, 56) and enc.grid == (2, 4) and enc.feature_shape == (8, 64)
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(5, 3, 42, 56, generator=gen)
+    index = torch.tensor([[0, 1, 2], [2, 3, 4], [4, 4, 1]])
+    a = enc.encode(images[index])
+    assert a.shape == (3, 8, 64)
+    assert torch.equal(a, enc.encode_indexed(images, index))
+    assert torch.equal(a, enc.encode_streaming(images[index]))
+    frames = images[index].flip(1) if reference_frame == "last" else images[index]
+    with torch.inference_mode():
+        full = streamed(enc.model, frames, enc.layer).view(3, 3, 4, 64)  # the whole 3x4 grid
+    assert torch.allclose(a, full[:, :2].reshape(3, 8, 64), atol=1e-5, rtol=1e-5)
+
+
 def fixture_encoder(tmp_path, reference_frame):
     """A tiny encoder loading the DINOv2 fixture's weights through the checkpoint path."""
     tensors = load_file(str(FIXTURES / "vggt_parity_dinov2reg.safetensors"))

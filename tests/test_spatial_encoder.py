@@ -14,7 +14,7 @@ from vlnflow.errors import UserError
 from vlnflow.spatial import ENCODER_CODE_VERSION, SpatialEncoder, load_frame
 from vlnflow.spatial.init import build_aggregator, init_random_
 from vlnflow.spatial.aggregator import PRESETS
-from vlnflow.spatial.encoder import feature_shape
+from vlnflow.spatial.fingerprint import spatial_output
 from vlnflow.spatial.fingerprint import encoder_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,16 +28,19 @@ def spatial(**kw):
 def test_from_repo_config_and_shapes():
     cfg = load_config(REPO / "config.yaml", overrides={"spatial": {"device": "cpu"}})
     enc = SpatialEncoder.from_config(cfg["spatial"])
-    assert enc.grid == (4, 4) and enc.feature_shape == (16, 64)
+    # the demo crops 640x480 frames at 56: a 42x56 input, 3x4 patches, kept as the 2x4 of whole merge blocks
+    assert enc.geometry.vggt_hw == (42, 56) and enc.grid == (2, 4) and enc.feature_shape == (8, 64)
     assert enc.compute_dtype == torch.float32  # CPU always computes in float32
-    out = enc.encode(torch.rand(2, 3, 3, 56, 56))
+    out = enc.encode(torch.rand(2, 3, 3, 42, 56))
     assert out.shape == (2, *enc.feature_shape) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
 
 def test_real_size_feature_shape():
-    assert feature_shape(PRESETS["vggt-1b"], 644) == (2116, 2048)
-    assert feature_shape(PRESETS["tiny"], 56) == (16, 64)
+    """640x480 frames at 644: pad keeps the 46x46 square, crop the 34x46 merge blocks of its 35x46 grid."""
+    assert spatial_output({"preset": "vggt-1b", "image_size": 644, "preprocess": "pad"}) == ((46, 46), 2048)
+    assert spatial_output({"preset": "vggt-1b", "image_size": 644, "preprocess": "crop", "frame_size": [640, 480]}) == ((34, 46), 2048)
+    assert spatial_output({"preset": "tiny", "image_size": 56}) == ((4, 4), 64)
 
 
 def test_frames_from_disk_encode(tmp_path):

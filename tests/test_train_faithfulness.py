@@ -76,7 +76,7 @@ def cache(demo_data, tmp_path_factory):
 
 def test_cached_and_live_features_give_the_same_loss_and_merger_gradients(cache):
     from vlnflow.model.batching import Collator
-    from vlnflow.model.loading import build_model, load_processors, resolve_model_config
+    from vlnflow.model.loading import build_model, frame_geometry, load_processors, resolve_model_config
     from vlnflow.spatial import SpatialEncoder
     from vlnflow.spatial.fingerprint import encoder_fingerprint, spatial_output
     from vlnflow.spatial.preprocess import load_frame
@@ -88,11 +88,12 @@ def test_cached_and_live_features_give_the_same_loss_and_merger_gradients(cache)
     source = SpatialSource(config, config["train"]["cache"], expected_fingerprint=encoder_fingerprint(config["spatial"]))
     grid, channels = spatial_output(config["spatial"])
     model_cfg = resolve_model_config(config)
-    tokenizer, processor = load_processors(model_cfg)
-    collator = Collator(tokenizer, processor, model_cfg, dataset_root=config["dataset"]["root"])
+    geometry = frame_geometry(config)
+    tokenizer, processor = load_processors(model_cfg, geometry)
+    collator = Collator(tokenizer, processor, geometry, dataset_root=config["dataset"]["root"])
     encoded = [collator.encode(r) for r in rows]
-    root, size = Path(config["dataset"]["root"]), config["spatial"]["image_size"]
-    frames = [torch.stack([load_frame(root / rel, size) for rel in r["frames"]]) for r in rows]
+    root = Path(config["dataset"]["root"])
+    frames = [torch.stack([load_frame(root / rel, geometry=geometry) for rel in r["frames"]]) for r in rows]
 
     cached = [source.lookup(r["sample_id"]) for r in rows]
     assert all(c is not None for c in cached)

@@ -58,13 +58,14 @@ class Curves:
 
     def __init__(self, config: dict):
         from vlnflow.model.batching import Collator
-        from vlnflow.model.loading import load_processors, resolve_model_config
+        from vlnflow.model.loading import frame_geometry, load_processors, resolve_model_config
         from vlnflow.spatial.fingerprint import spatial_output
 
         self.grid, self.channels = spatial_output(config["spatial"])
         self.model_cfg = resolve_model_config(config)
-        tokenizer, processor = load_processors(self.model_cfg)
-        self.collator = Collator(tokenizer, processor, self.model_cfg, dataset_root=config["dataset"]["root"])
+        geometry = frame_geometry(config)
+        tokenizer, processor = load_processors(self.model_cfg, geometry)
+        self.collator = Collator(tokenizer, processor, geometry, dataset_root=config["dataset"]["root"])
         rows = pd.read_parquet(config["train"]["samples"]).to_dict("records")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
         encoded = {}  # tokenised once, shared by every curve

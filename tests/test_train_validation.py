@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from train_helpers import build_cache, run_trainer
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.data.split import split_by_episode
 
 DRIVER = "import sys\nfrom vlnflow.train.run import main\nsys.exit(main(sys.argv[1:]))\n"
@@ -153,7 +154,7 @@ def test_batch_sums_count_a_sample_right_only_when_every_action_token_is():
         ids, labels = tokenize_conversation(tokenizer, "Your task is to go <image>", answer, [4])
         encoded = EncodedSample(f"s{i}", ids, labels, torch.zeros(16, 1176), torch.tensor([[1, 4, 4]]))
         items.append(TrainItem(encoded, torch.zeros(16, 8), None))
-    collator = Collator(tokenizer, build_image_processor(56), {"image_size": 56}, dataset_root=".")
+    collator = Collator(tokenizer, build_image_processor(56), FrameGeometry("pad", 56, (640, 480)), dataset_root=".")
     starts = [0]
     for item in items:
         starts.append(starts[-1] + len(item.encoded.input_ids))

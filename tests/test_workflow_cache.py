@@ -149,6 +149,7 @@ def test_rerun_with_nothing_changed_runs_nothing(wf):
         {"spatial": {"layer": -1}},
         {"spatial": {"seed": 1}},
         {"spatial": {"image_size": 42}},
+        {"spatial": {"preprocess": "pad"}},
         {"spatial": {"reference_frame": "first"}},
         {"spatial": {"dtype": "float32"}},
         {"cache": {"dtype": "float16"}},
@@ -323,18 +324,20 @@ def test_undecodable_image_fails_naming_the_sample_or_is_skipped_and_counted(wf,
     assert "(1 skipped on error)" in (wf.path / "results/logs/validate_cache.log").read_text()
 
 
-def test_cache_estimate_for_the_real_data_set(tmp_path):
+@pytest.mark.parametrize("preprocess, rows", [("pad", 2116), ("crop", 1564)])
+def test_cache_estimate_for_the_real_data_set(tmp_path, preprocess, rows):
+    """R2R-CE at 644: pad keeps 46x46 patch rows (5.31 TB), crop the 34x46 of its 35x46 grid (3.92 TB)."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["spatial"].update(preset="vggt-1b", image_size=644)
+    config["spatial"].update(preset="vggt-1b", image_size=644, preprocess=preprocess, frame_size=[640, 480])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "vlnflow"), "cache", "estimate", "--config", "config.yaml", "--samples", "612492"],
         cwd=tmp_path, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    total = 612492 * 2116 * 2048 * 2
-    assert total == 5_308_551_462_912
-    assert f"total              {total:,} B = 5.309 TB" in proc.stdout, proc.stdout
-    assert "2116 x 2048 bfloat16 = 8,667,136 B" in proc.stdout
+    total = 612492 * rows * 2048 * 2
+    assert total == {"pad": 5_308_551_462_912, "crop": 3_923_711_950_848}[preprocess]
+    assert f"total              {total:,} B = {total / 1e12:.3f} TB" in proc.stdout, proc.stdout
+    assert f"{rows} x 2048 bfloat16 = {rows * 4096:,} B" in proc.stdout
     count = config["shards"]["count"]
     assert f"files              {count + 2} ({count} shard files + manifest.json + manifest.parquet)" in proc.stdout

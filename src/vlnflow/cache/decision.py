@@ -81,7 +81,7 @@ def _model_shape(config: dict) -> tuple:
     from vlnflow.spatial.fingerprint import spatial_output
 
     m = config.get("model", {})
-    return spatial_output(config["spatial"]), m.get("preset"), m.get("qwen_path"), m.get("image_size")
+    return spatial_output(config["spatial"]), m.get("preset"), m.get("qwen_path"), config["spatial"].get("preprocess", "pad")
 
 
 def workspace_rates(config: dict, results: str | Path = "results") -> tuple[dict[str, Rate], list[str]]:

@@ -61,8 +61,8 @@ def make_batches(pending: list[int], frame_counts: list[int], batch_size: int) -
 class ShardFrames(Dataset):
     """Item i = batch i, its unique frames decoded and preprocessed once."""
 
-    def __init__(self, root: Path, sample_ids: list[str], frames: list[list[str]], batches: list[list[int]], image_size: int):
-        self.root, self.sample_ids, self.frames, self.batches, self.image_size = root, sample_ids, frames, batches, image_size
+    def __init__(self, root: Path, sample_ids: list[str], frames: list[list[str]], batches: list[list[int]], geometry):
+        self.root, self.sample_ids, self.frames, self.batches, self.geometry = root, sample_ids, frames, batches, geometry
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -77,7 +77,7 @@ class ShardFrames(Dataset):
                 if rel in loaded or rel in bad:
                     continue
                 try:
-                    loaded[rel] = load_frame(self.root / rel, self.image_size)
+                    loaded[rel] = load_frame(self.root / rel, geometry=self.geometry)
                 except Exception as exc:  # missing file, truncated PNG, not an image...
                     bad[rel] = f"{type(exc).__name__}: {exc}"
         rows, index, errors = [], [], {}
@@ -251,7 +251,7 @@ def precompute_shard(
     with writer:
         pending = writer.pending
         batches = make_batches(pending, [len(f) for f in frames], config["spatial"]["batch_size"])
-        dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, config["spatial"]["image_size"])
+        dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, encoder.geometry)
         workers = cache_cfg["loader_workers"]
         device = encoder.device
         loader = DataLoader(

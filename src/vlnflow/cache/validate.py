@@ -118,11 +118,10 @@ def _spot_check(f: h5py.File, table: pd.DataFrame, config: dict, encoder, k: int
     candidates = [r for r in range(len(table)) if not errors[r]]
     rows = sorted(random.Random(seed).sample(candidates, min(k, len(candidates))))
     root = Path(config["dataset"]["root"])
-    size = config["spatial"]["image_size"]
     dtype = f.attrs["dtype"]
     worst, worst_row, checked = 0.0, 0.0, []
     for row in rows:
-        frames = torch.stack([load_frame(root / rel, size) for rel in table.frames.iloc[row]])
+        frames = torch.stack([load_frame(root / rel, geometry=encoder.geometry) for rel in table.frames.iloc[row]])
         with torch.inference_mode():
             live = encoder.encode(frames[None].to(encoder.device))[0].float().cpu()
         scale = f[fmt.SCALE][row] if dtype in fmt.SCALED else None

@@ -2,10 +2,9 @@
 
     names.py            training-module parameter names <-> the names on disk (Qwen's own layout)
     consolidate.py      DeepSpeed's zero-to-fp32 consolidation + the frozen weights of the base model
-    shards.py           sharded safetensors + model.safetensors.index.json, written and checked
+    shards.py           sharded safetensors + model.safetensors.index.json (vlnflow.model.model_dir reads them)
     layout_hf.py        config.json for transformers 5 (Qwen2.5-VL + vlnflow's settings)
     layout_janusvln.py  JanusVLN's flat config and its `vggt.aggregator.*` weights
     export.py           export_run(): one run step -> one complete directory (partial dir, then rename)
-    reader.py           read an export or a JanusVLN checkpoint back (model.init_from)
     cli.py              `vlnflow export RUN_DIR OUT`
 """

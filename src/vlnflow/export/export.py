@@ -42,12 +42,13 @@ def run_config(run_dir: Path, fallback: str | Path | dict | None) -> dict:
 
 def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen_from: str) -> dict:
     """What vlnflow needs to rebuild and feed the model: model + spatial settings, fingerprint, prompt style."""
-    from vlnflow.model.loading import resolve_model_config
+    from vlnflow.model.loading import frame_geometry, resolve_model_config
     from vlnflow.spatial.fingerprint import encoder_fingerprint, spatial_output
 
     model_cfg = resolve_model_config(config)
     model_cfg.pop("init_from", None)
     grid, channels = spatial_output(config["spatial"])
+    geometry = frame_geometry(config)
     return {
         "format_version": FORMAT_VERSION,
         "layout": layout,
@@ -55,6 +56,8 @@ def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen
         "spatial": dict(config["spatial"]),
         "encoder_fingerprint": encoder_fingerprint(config["spatial"]),
         "spatial_grid": list(grid),
+        "frames": {**geometry.as_dict(), "vggt_hw": list(geometry.vggt_hw), "kept_grid": list(geometry.kept_grid),
+                   "qwen_hw": list(geometry.qwen_hw), "tokens_per_frame": geometry.tokens_per_frame},
         "spatial_channels": channels,
         "prompt_style": config["dataset"].get("prompt_style", "auto"),
         "dataset_root": str(config["dataset"]["root"]),
@@ -73,7 +76,7 @@ def export_run(
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Export run_dir's checkpoint (newest complete one, or `step`) to `out` in `layout`; returns `out`."""
-    from vlnflow.model.loading import load_processors, resolve_model_config
+    from vlnflow.model.loading import frame_geometry, load_processors, resolve_model_config
 
     if layout not in LAYOUTS:
         raise UserError(f"export layout must be one of {LAYOUTS}, got {layout!r}")
@@ -104,7 +107,7 @@ def export_run(
         layout_janusvln.write_config(model.qwen_config, extras, torch_dtype, partial)
         tensors.update(layout_janusvln.vggt_tensors(config["spatial"], torch_dtype))
     index = write_shards(tensors, partial, max_shard_size)
-    tokenizer, image_processor = load_processors(model_cfg)
+    tokenizer, image_processor = load_processors(model_cfg, frame_geometry(config))
     tokenizer.save_pretrained(str(partial))
     image_processor.save_pretrained(str(partial))
     if layout == "janusvln":

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-MERGER_PREFIX = "merger."
-VGGT_PREFIX = "vggt.aggregator."
+from vlnflow.model.model_dir import MERGER_PREFIX, VGGT_PREFIX
 
 # (prefix inside JanusModel, prefix on disk); the order matters: the first match wins.
 _PREFIXES = (

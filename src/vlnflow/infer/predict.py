@@ -56,13 +56,12 @@ class Predictor:
     parts, so a model still in memory (the training engine's module) answers the same way.
     """
 
-    def __init__(self, model, tokenizer, collator, source, spatial_image_size: int, max_new_tokens: int = 128):
+    def __init__(self, model, tokenizer, collator, source, max_new_tokens: int = 128):
         self.model = model
         self.tokenizer = tokenizer
         self.collator = collator
         self.source = source
         self.root = collator.root
-        self.spatial_image_size = int(spatial_image_size)
         self.max_new_tokens = max_new_tokens
         self.device = next(model.parameters()).device
         self.stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -72,9 +71,10 @@ class Predictor:
     @classmethod
     def from_export(cls, model_dir: str | Path, *, device: str | None = None, cache: str | Path | None = None,
                     dataset_root: str | Path | None = None, max_new_tokens: int = 128) -> Predictor:
-        from vlnflow.export.reader import open_model_dir, vggt_state
+        from vlnflow.model.model_dir import open_model_dir, vggt_state
         from vlnflow.model.batching import Collator
         from vlnflow.model.loading import build_model, load_processors
+        from vlnflow.spatial.geometry import geometry_of
         from vlnflow.train.spatial_source import SpatialSource
 
         exported = open_model_dir(model_dir)
@@ -85,23 +85,24 @@ class Predictor:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         spatial_cfg = dict(settings["spatial"])
         model_cfg = {**settings["model"], "init_from": str(exported.path), "qwen_path": None}
-        tokenizer, image_processor = load_processors(model_cfg)
+        geometry = geometry_of(spatial_cfg, model_cfg)
+        tokenizer, image_processor = load_processors(model_cfg, geometry)
         model = build_model(model_cfg, int(settings["spatial_channels"]), tuple(settings["spatial_grid"]), device=device)
         model.eval()
         root = dataset_root or settings.get("dataset_root")
         if root is None:
             raise UserError("predict needs --dataset-root (the export does not record the data set root)")
-        collator = Collator(tokenizer, image_processor, model_cfg, dataset_root=root)
+        collator = Collator(tokenizer, image_processor, geometry, dataset_root=root)
         source = SpatialSource({"spatial": spatial_cfg}, cache, expected_fingerprint=settings["encoder_fingerprint"],
                                encoder=_encoder_from_export(spatial_cfg, vggt_state(exported)))
-        return cls(model, tokenizer, collator, source, spatial_cfg["image_size"], max_new_tokens)
+        return cls(model, tokenizer, collator, source, max_new_tokens)
 
     def predict_rows(self, rows: list[dict]):
         """Yield a Prediction per row; frames, tokens and cached features come from the trainer's TrainSamples."""
         from vlnflow.infer.generate import greedy_decode, prompt_only
         from vlnflow.train.data import TrainSamples
 
-        samples = TrainSamples(pd.DataFrame(rows), self.collator, self.source, self.root, self.spatial_image_size)
+        samples = TrainSamples(pd.DataFrame(rows), self.collator, self.source, self.root)
         for i in range(len(samples)):
             started = time.perf_counter()
             item = samples[i]

@@ -26,7 +26,8 @@ import torch
 
 from vlnflow.errors import DatasetError
 from vlnflow.model.chat import IGNORE_INDEX, conversation, tokenize_conversation
-from vlnflow.model.frames import load_padded_frame
+from vlnflow.model.frames import load_qwen_frame
+from vlnflow.spatial.geometry import FrameGeometry
 
 
 @dataclass
@@ -41,28 +42,32 @@ class EncodedSample:
 
 
 class Collator:
-    """`Collator(tokenizer, image_processor, model_cfg, dataset_root=...)(rows, features) -> batch`.
+    """`Collator(tokenizer, image_processor, geometry, dataset_root=...)(rows, features) -> batch`.
 
     `encode(row)` does the per-sample work (frames, processor, tokens) and can run in a
-    DataLoader worker; `pack(encoded, features)` joins samples into one batch.
+    DataLoader worker; `pack(encoded, features)` joins samples into one batch. Frames are
+    prepared by `geometry` (vlnflow.spatial.geometry: crop or pad), the same way VGGT's are.
     """
 
     def __init__(
         self,
         tokenizer,
         image_processor,
-        model_cfg: Mapping[str, Any],
+        geometry: FrameGeometry,
         *,
         dataset_root: str | Path,
-        load_frame: Callable[[Path, int], Any] = load_padded_frame,
+        load_frame: Callable[[Path, FrameGeometry], Any] = load_qwen_frame,
     ):
+        if not isinstance(geometry, FrameGeometry):
+            raise TypeError(f"Collator takes the run's FrameGeometry (vlnflow.spatial.geometry), got {type(geometry).__name__}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_size = int(model_cfg["image_size"])
+        self.geometry = geometry
         self.root = Path(dataset_root)
         self.load_frame = load_frame
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.merge = int(getattr(image_processor, "merge_size", 2))
+        self.grid_thw = [1, *geometry.kept_grid]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
         return self.pack([self.encode(row) for row in rows], features)
@@ -72,9 +77,15 @@ class Collator:
         frames = list(row["frames"]) if row.get("frames") is not None else []
         if not frames:
             raise DatasetError(f"sample {sample_id!r} has no frames", episode=row.get("episode_id"))
-        images = [self.load_frame(self.root / f, self.image_size) for f in frames]
+        images = [self.load_frame(self.root / f, self.geometry) for f in frames]
         processed = self.image_processor(images=images, return_tensors="pt")
         grid = processed["image_grid_thw"]
+        if grid.tolist() != [self.grid_thw] * len(frames):
+            raise DatasetError(
+                f"sample {sample_id!r}: Qwen's processor gave image grids {grid.tolist()}, but the frame geometry "
+                f"({self.geometry.describe()}) needs {self.grid_thw} per frame: the image processor is not pinned to "
+                f"{self.geometry.qwen_hw[0]}x{self.geometry.qwen_hw[1]}", episode=row.get("episode_id"),
+            )
         counts = (grid.prod(-1) // (self.merge * self.merge)).tolist()
         prompt, answer = conversation(row, len(frames))
         input_ids, labels = tokenize_conversation(self.tokenizer, prompt, answer, counts)

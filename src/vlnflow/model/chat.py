@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlnflow.data.prompts import IMAGE_PLACEHOLDER, Targets, build_answer, build_prompt, resolve_style
+from vlnflow.data.prompts import IMAGE_PLACEHOLDER, Targets, build_answer, build_prompt, parse_answer, resolve_style
 from vlnflow.errors import DatasetError
 from vlnflow.model.tiny import CHATML_TEMPLATE
 
@@ -40,6 +40,11 @@ def conversation(row: Mapping[str, Any], n_frames: int) -> tuple[str, str]:
     The index stores both turns (`prompt`, `answer`, built by vlnflow.data.prompts); a row
     without them gets them built here by the same code from its fields ("auto" style:
     the structured answer when all descriptions are present, else the action).
+
+    A sample whose answer is not the seed's four-part structure is upstream JanusVLN's data, and
+    upstream's loader (`data_qwen.py` _get_item) joins every `<image>` with the line after it
+    (`"<image>\n"` -> `"<image>"`) before tokenising: so does this. The seed's loader keeps the
+    newlines of its structured prompts.
     """
     sample = row.get("sample_id")
     if _present(row.get("prompt")) and _present(row.get("answer")):
@@ -55,6 +60,8 @@ def conversation(row: Mapping[str, Any], n_frames: int) -> tuple[str, str]:
         style = resolve_style("auto", targets)
         prompt = build_prompt(str(row["instruction"]).strip(), n_frames, style)
         answer = build_answer(targets, style)
+    if parse_answer(answer)[1] is None:
+        prompt = prompt.replace(IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER)
     found = prompt.count(IMAGE_PLACEHOLDER)
     if found != n_frames:
         raise DatasetError(

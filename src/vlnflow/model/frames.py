@@ -1,11 +1,10 @@
-"""Load a frame as the padded square image JanusVLN gives both VGGT and Qwen.
+"""Load a frame as the image Qwen's processor gets: the VGGT image, cut to whole merge blocks.
 
-JanusVLN preprocesses each frame once (VGGT's `load_and_preprocess_images`, mode
-"pad", target 644): RGBA composited on white, the longer side resized to the target
-with bicubic filtering, the shorter one to round(short * (target / long) / 14) * 14
-(that float expression: 640x480 -> 644x490), then padded with white to a square,
-the padding split evenly (odd pixel at the bottom/right). Qwen's processor then gets
-that same square at min_pixels = max_pixels = target^2, so no further resizing.
+JanusVLN gives Qwen the very image VGGT sees (`load_and_preprocess_images`, crop or pad; see
+vlnflow.spatial.geometry), cropped from the top-left to an even number of 14-pixel patches each way
+(`process_image_unified_vggt`), with rescaling off because it is already in [0, 1]. Here the same prepared
+uint8 image is cropped and handed over as PIL: its pixels are the reference's tensor x 255 exactly, and the
+processor (pinned to that size) does not resize it.
 """
 
 from __future__ import annotations
@@ -14,30 +13,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlnflow.errors import DatasetError
-from vlnflow.spatial.preprocess import pad_mode_size, to_rgb
-
-WHITE = (255, 255, 255)
+from vlnflow.spatial.geometry import FrameGeometry
+from vlnflow.spatial.preprocess import check_shape, open_rgb, prepared_image
 
 
-def load_padded_frame(path: str | Path, size: int) -> Image.Image:
-    """RGB `size` x `size` PIL image: resized to fit, padded with white (see module doc)."""
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-            image = to_rgb(raw)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read frame {path}: {exc}", path=str(path)) from exc
-    return pad_to_square(image, size)
+def qwen_image(image: Image.Image, geometry: FrameGeometry, source: str = "<image>") -> Image.Image:
+    """The prepared VGGT image cropped (top-left) to `geometry.qwen_hw`."""
+    prepared = prepared_image(image, geometry.target, geometry.mode, source)
+    check_shape(prepared, geometry.vggt_hw, source, geometry.mode, geometry.frame_size)
+    qh, qw = geometry.qwen_hw
+    return prepared if prepared.size == (qw, qh) else prepared.crop((0, 0, qw, qh))
 
 
-def pad_to_square(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the longer side is `size` (shorter side a multiple of 14), pad with white to a square."""
-    new_w, new_h = (min(v, size) for v in pad_mode_size(*image.size, size))
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    if (new_w, new_h) == (size, size):
-        return resized
-    canvas = Image.new("RGB", (size, size), WHITE)
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    return canvas
-
+def load_qwen_frame(path: str | Path, geometry: FrameGeometry) -> Image.Image:
+    """Read a frame and return Qwen's RGB image of it (`geometry.qwen_hw`); errors name the file."""
+    return qwen_image(open_rgb(path), geometry, str(path))

@@ -103,7 +103,8 @@ class JanusModel(nn.Module):
         if any(n != per_map for n in per_image):
             raise ValueError(
                 f"Qwen image grids {image_grid_thw.tolist()} give {sorted(set(per_image))} tokens per frame, but the "
-                f"spatial feature grid {self.spatial_grid} gives {per_map}: model.image_size must match spatial.image_size"
+                f"spatial feature grid {self.spatial_grid} gives {per_map}: both must come from the run's frame geometry "
+                f"(vlnflow.spatial.geometry; the cache, the export and spatial.preprocess / image_size must agree)"
             )
         merged = self.merger(spatial_features, self.spatial_grid)  # [B, per_map, hidden]
         if spatial_index is None:

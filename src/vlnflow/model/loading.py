@@ -4,7 +4,7 @@
 directory (never the network). Unset: random init, `model.preset` tiny (demo, tests)
 or qwen2.5-vl-7b (the real shape, for GPU benchmarks), with the tokenizer built by code.
 `model.init_from` set: the whole model (Qwen + merger), tokenizer and processor from a
-`vlnflow export` directory or a JanusVLN checkpoint (vlnflow.export.reader).
+`vlnflow export` directory or a JanusVLN checkpoint (vlnflow.model.model_dir).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from vlnflow.model.tiny import (
     special_token_ids,
     tiny_config,
 )
+from vlnflow.model.model_dir import trained_preprocess
 from vlnflow.model.vision_fast import apply_vision_fast
+from vlnflow.spatial.geometry import FrameGeometry, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,17 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The `model` section with `image_size` filled from `spatial.image_size` when null."""
+    """The `model` section, checked against the run's frame geometry (the deprecated model.image_size must agree
+    with spatial.image_size, then is dropped: Qwen's image size comes from `frame_geometry`)."""
     model_cfg = dict(config["model"])
-    if model_cfg.get("image_size") is None:
-        model_cfg["image_size"] = int(config["spatial"]["image_size"])
+    geometry_of(config["spatial"], model_cfg)
+    model_cfg.pop("image_size", None)
     return model_cfg
+
+
+def frame_geometry(config: Mapping[str, Any]) -> FrameGeometry:
+    """How the run prepares every frame for VGGT and Qwen (vlnflow.spatial.geometry)."""
+    return geometry_of(config["spatial"], config.get("model"))
 
 
 def compute_dtype(model_cfg: Mapping[str, Any], device: torch.device | str | None) -> torch.dtype:
@@ -52,19 +60,19 @@ def compute_dtype(model_cfg: Mapping[str, Any], device: torch.device | str | Non
     return DTYPES[model_cfg.get("dtype", "bfloat16")]
 
 
-def load_processors(model_cfg: Mapping[str, Any]):
-    """(tokenizer, image processor pinned to model.image_size) for the configured Qwen."""
+def load_processors(model_cfg: Mapping[str, Any], geometry: FrameGeometry):
+    """(tokenizer, image processor pinned to the geometry's Qwen image size) for the configured Qwen."""
     if model_cfg.get("init_from"):
-        return _processors_from_init_dir(model_cfg)
+        return _processors_from_init_dir(model_cfg, geometry)
     path = _qwen_dir(model_cfg)
     if path is None:
         tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
-        return tokenizer, build_image_processor(int(model_cfg["image_size"]))
+        return tokenizer, build_image_processor(geometry.qwen_hw)
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     base = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    return tokenizer, build_image_processor(int(model_cfg["image_size"]), base=base)
+    return tokenizer, build_image_processor(geometry.qwen_hw, base=base)
 
 
 def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, device=None):
@@ -176,7 +184,7 @@ def _tiny_sizes(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _init_dir(model_cfg: Mapping[str, Any]):
     """The checked model directory of `model.init_from` (the reader checks each directory once per process)."""
-    from vlnflow.export.reader import open_model_dir
+    from vlnflow.model.model_dir import open_model_dir
 
     path = Path(model_cfg["init_from"])
     if model_cfg.get("qwen_path"):
@@ -186,25 +194,45 @@ def _init_dir(model_cfg: Mapping[str, Any]):
     return open_model_dir(path)
 
 
-def _processors_from_init_dir(model_cfg: Mapping[str, Any]):
+def _processors_from_init_dir(model_cfg: Mapping[str, Any], geometry: FrameGeometry):
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = _init_dir(model_cfg).path
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     base = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    return tokenizer, build_image_processor(int(model_cfg["image_size"]), base=base)
+    return tokenizer, build_image_processor(geometry.qwen_hw, base=base)
+
+
+def check_init_preprocess(model_cfg: Mapping[str, Any], geometry: FrameGeometry) -> None:
+    """`model.init_from` trained on the other frame preprocessing (crop vs pad) is an error naming both, unless
+    model.allow_preprocess_mismatch; a JanusVLN checkpoint records none and is only logged."""
+    if not model_cfg.get("init_from"):
+        return
+    model_dir = _init_dir(model_cfg)
+    trained = trained_preprocess(model_dir)
+    if trained is None:
+        log.warning("model.init_from %s records no frame preprocessing (a JanusVLN checkpoint: upstream JanusVLN trains "
+                    "with crop); this run uses %s", model_dir.path, geometry.mode)
+        return
+    if trained != geometry.mode:
+        message = (f"model.init_from {model_dir.path} was trained on {trained!r} frames but this run's "
+                   f"spatial.preprocess is {geometry.mode!r}: its evaluation would see frames unlike its training")
+        if not model_cfg.get("allow_preprocess_mismatch"):
+            raise ConfigError(message + "; set spatial.preprocess to match, or model.allow_preprocess_mismatch: true "
+                              "for a deliberate experiment")
+        log.warning("%s (model.allow_preprocess_mismatch set)", message)
 
 
 def _qwen_from_init_dir(model_cfg: Mapping[str, Any], dtype: torch.dtype, device):
-    from vlnflow.export.reader import load_qwen_from_dir
+    from vlnflow.model.model_dir import load_qwen_from_dir
 
     return load_qwen_from_dir(_init_dir(model_cfg), dtype, device)
 
 
 def _merger_from_init_dir(model_cfg: Mapping[str, Any], channels: int, out_dim: int) -> SpatialMerger:
     """The directory's `merger.*` as a SpatialMerger; its width comes from the weights, not model.merger_hidden."""
-    from vlnflow.export.reader import merger_state
+    from vlnflow.model.model_dir import merger_state
 
     model_dir = _init_dir(model_cfg)
     state = merger_state(model_dir)

@@ -99,19 +99,21 @@ def build_tiny_tokenizer(vocab_size: int = TINY_DEFAULTS["vocab_size"]) -> Qwen2
     return tokenizer
 
 
-def build_image_processor(image_size: int, base: Qwen2VLImageProcessorPil | None = None) -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL image processor pinned to image_size x image_size (min_pixels = max_pixels), as JanusVLN uses it.
+def build_image_processor(size: int | tuple[int, int], base: Qwen2VLImageProcessorPil | None = None) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL image processor pinned to `size` = (height, width) (an int: a square), min_pixels = max_pixels.
 
-    `base` (e.g. a real checkpoint's processor) keeps its normalisation; only the size is pinned.
+    vlnflow hands it exactly that size (vlnflow.spatial.geometry.qwen_hw), so it never resizes. `base` (e.g. a
+    real checkpoint's processor) keeps its normalisation; only the size is pinned.
     """
-    if image_size % 28:
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if height % 28 or width % 28 or height <= 0 or width <= 0:
         raise ValueError(
-            f"model.image_size={image_size}: must be a multiple of 28 (patch 14 x merge 2) for Qwen2.5-VL"
+            f"Qwen image size {height}x{width}: both sides must be positive multiples of 28 (patch 14 x merge 2)"
         )
     kwargs = base.to_dict() if base is not None else {}
     for key in ("size", "min_pixels", "max_pixels", "image_processor_type", "processor_class"):
         kwargs.pop(key, None)
-    return Qwen2VLImageProcessorPil(**kwargs, min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+    return Qwen2VLImageProcessorPil(**kwargs, min_pixels=height * width, max_pixels=height * width)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -1,7 +1,9 @@
 """SpatialEncoder: what the rest of vlnflow calls to turn a sample's frames into its cached feature.
 
 The feature of a sample is the kept layer's (default -2) patch tokens of the
-LAST streamed frame, after causal streaming over the sample's frames; with
+LAST streamed frame, after causal streaming over the sample's frames, cut to
+whole 2x2 merge blocks (crop frames: 35x46 patches -> 34x46, as the reference
+crops before its merger; vlnflow.spatial.geometry); with
 `reference_frame: last` the frames are reversed before streaming (JanusVLN's
 training default), with `first` they stream oldest-first. `encode` computes it
 for a batch in one block-causal pass, `encode_indexed` does the same while
@@ -24,9 +26,10 @@ import torch
 from vlnflow import fa4
 from vlnflow.errors import UserError
 from vlnflow.spatial.attention import KERNELS
-from vlnflow.spatial.aggregator import PRESETS, Aggregator, AggregatorConfig, StreamCache
+from vlnflow.spatial.aggregator import PRESETS, Aggregator, StreamCache
 from vlnflow.spatial.checkpoint import find_weights_file, load_aggregator_weights
-from vlnflow.spatial.fingerprint import CODE_VERSION, PAD_MODE, fingerprint_of, remember_digest
+from vlnflow.spatial.fingerprint import CODE_VERSION, fingerprint_of, remember_digest
+from vlnflow.spatial.geometry import FrameGeometry, geometry_of, merge_crop
 from vlnflow.spatial.init import build_aggregator, init_random_
 from vlnflow.spatial.layers import Block
 
@@ -44,7 +47,7 @@ class SpatialEncoder:
         model: Aggregator,
         *,
         weights_id: str,
-        image_size: int,
+        geometry: FrameGeometry,
         layer: int = -2,
         reference_frame: str = "last",
         device: str | torch.device = "cpu",
@@ -67,9 +70,6 @@ class SpatialEncoder:
         """
         if reference_frame not in ("first", "last"):
             raise UserError(f"spatial.reference_frame must be 'first' or 'last', got {reference_frame!r}")
-        patch = model.config.patch_size
-        if image_size <= 0 or image_size % patch:
-            raise UserError(f"spatial.image_size must be a positive multiple of {patch}, got {image_size}")
         try:
             self.layer = model.layer_index(layer)
         except ValueError as exc:
@@ -77,7 +77,7 @@ class SpatialEncoder:
         self.device = torch.device(device)
         self.configured_dtype = dtype
         self.compute_dtype = dtype if self.device.type == "cuda" else torch.float32
-        self.image_size = image_size
+        self.geometry = geometry
         self.reference_frame = reference_frame
         self.batch_size = batch_size
         self.weights_id = weights_id
@@ -148,7 +148,7 @@ class SpatialEncoder:
         return cls(
             model,
             weights_id=weights_id,
-            image_size=int(spatial_cfg.get("image_size", 56)),
+            geometry=geometry_of(spatial_cfg),
             layer=int(spatial_cfg.get("layer", -2)),
             reference_frame=spatial_cfg.get("reference_frame", "last"),
             device=resolve_device(spatial_cfg.get("device", "auto")),
@@ -161,12 +161,13 @@ class SpatialEncoder:
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.model.config.patch_size
-        return side, side
+        """(rows, columns) of one output feature map: the geometry's kept grid (34x46 crop, 46x46 pad at 644)."""
+        return self.geometry.kept_grid
 
     @property
     def feature_shape(self) -> tuple[int, int]:
-        return feature_shape(self.model.config, self.image_size)
+        """(tokens, channels) of one output feature map: (1564, 2048) crop, (2116, 2048) pad for VGGT-1B at 644."""
+        return self.geometry.feature_tokens, 2 * self.model.config.embed_dim
 
     @property
     def output_dtype(self) -> torch.dtype:
@@ -183,7 +184,7 @@ class SpatialEncoder:
             "code_version": ENCODER_CODE_VERSION,
             "weights": self.weights_id,
             "architecture": self.model.config.as_dict(),
-            "preprocess": {"mode": PAD_MODE, "image_size": self.image_size, "resample": "bicubic", "pad": 1.0},
+            "preprocess": self.geometry.fingerprint_fields(),
             "layer": self.layer,
             "reference_frame": self.reference_frame,
             "compute_dtype": str(self.configured_dtype).removeprefix("torch."),
@@ -247,7 +248,7 @@ class SpatialEncoder:
                         per_layer = self.model.stream_frame(frame.unsqueeze(0), cache, layers)
                     kept = per_layer[self.layer] if all_layers else per_layer[0]
                     out.append(kept[0, self.model.patch_start_idx :])
-        return torch.stack(out).to(self.output_dtype)
+        return self._merge_crop(torch.stack(out), x.shape[-2:]).to(self.output_dtype)
 
     # ---- internals ----------------------------------------------------------------------
 
@@ -255,7 +256,16 @@ class SpatialEncoder:
         grid = (hw[0] // self.model.config.patch_size, hw[1] // self.model.config.patch_size)
         with self._attention_context():
             out = self.model.last_frame_features(patches, grid, self.layer)
-        return out.to(self.output_dtype)
+        return self._merge_crop(out, hw).to(self.output_dtype)
+
+    def _merge_crop(self, tokens: torch.Tensor, hw) -> torch.Tensor:
+        """(B, gh * gw, C) -> (B, kh * kw, C): the grid's first rows / columns in whole 2x2 blocks (no copy when even)."""
+        grid = (hw[0] // self.model.config.patch_size, hw[1] // self.model.config.patch_size)
+        kept = merge_crop(grid)
+        if kept == grid:
+            return tokens
+        b, _, c = tokens.shape
+        return tokens.view(b, *grid, c)[:, : kept[0], : kept[1]].reshape(b, kept[0] * kept[1], c)
 
     def _attention_context(self):
         if self.sdpa_backend is None:
@@ -270,16 +280,10 @@ class SpatialEncoder:
             want = "(B, S, 3, H, W)" if dims == 5 else "(U, 3, H, W)"
             raise UserError(
                 f"{name} must have shape {want} with H and W multiples of {p}; got {tuple(x.shape)} "
-                f"(spatial.image_size={self.image_size})"
+                f"({self.geometry.describe()})"
             )
         if not x.is_floating_point():
             raise UserError(f"{name} must be float images in [0, 1], got dtype {x.dtype}")
-
-
-def feature_shape(config: AggregatorConfig, image_size: int) -> tuple[int, int]:
-    """(patch tokens, channels) of one cached feature: (2116, 2048) for VGGT-1B at 644."""
-    side = image_size // config.patch_size
-    return side * side, 2 * config.embed_dim
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,7 +1,7 @@
 """The encoder fingerprint from settings alone, cheap enough for Snakemake's parse time.
 
 It identifies what the cached features depend on: weights content, architecture,
-preprocessing, kept layer, frame order, configured compute dtype and a code version.
+preprocessing (crop or pad, sizes: vlnflow.spatial.geometry), kept layer, frame order, configured compute dtype and a code version.
 It deliberately uses the *configured* `spatial.dtype` (not whether this process has a
 GPU), so the login node that parses the workflow, the GPU precompute jobs and the
 training ranks all agree. The weights' content digest is computed once per file and
@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 
 from vlnflow.errors import UserError
+from vlnflow.spatial.geometry import geometry_of
 
 CODE_VERSION = "1"  # bump when a code change alters the features computed from the same settings
-PAD_MODE = "pad"
 
 
 def _digest_cache() -> Path:
@@ -91,12 +91,11 @@ def fingerprint_fields(spatial_cfg: dict, weights: str | None = None) -> dict:
     layer = int(spatial_cfg.get("layer", -2))
     if not -depth <= layer < depth:
         raise UserError(f"spatial.layer={layer} is outside the aggregator's {depth} layers")
-    size = int(spatial_cfg.get("image_size", 56))
     return {
         "code_version": CODE_VERSION,
         "weights": weights or weights_id(spatial_cfg),
         "architecture": arch.as_dict(),
-        "preprocess": {"mode": PAD_MODE, "image_size": size, "resample": "bicubic", "pad": 1.0},
+        "preprocess": geometry_of(spatial_cfg).fingerprint_fields(),
         "layer": layer % depth,
         "reference_frame": spatial_cfg.get("reference_frame", "last"),
         "compute_dtype": spatial_cfg.get("dtype", "bfloat16"),
@@ -114,7 +113,7 @@ def encoder_fingerprint(spatial_cfg: dict) -> str:
 
 
 def spatial_output(spatial_cfg: dict) -> tuple[tuple[int, int], int]:
-    """((grid_h, grid_w), channels) of one cached feature map, without building the model."""
+    """((grid_h, grid_w), channels) of one cached feature map, without building the model: the kept grid of
+    the run's frame geometry (crop 34x46, pad 46x46 for 640x480 frames at 644) and 2 x the VGGT width."""
     arch = _preset(spatial_cfg)
-    side = int(spatial_cfg.get("image_size", 56)) // arch.patch_size
-    return (side, side), 2 * arch.embed_dim
+    return geometry_of(spatial_cfg).kept_grid, 2 * arch.embed_dim

@@ -27,12 +27,11 @@ class TrainItem:
 class TrainSamples(Dataset):
     """Rows of samples.parquet -> TrainItem."""
 
-    def __init__(self, samples: pd.DataFrame, collator: Collator, source: SpatialSource, dataset_root: str | Path, vggt_image_size: int):
+    def __init__(self, samples: pd.DataFrame, collator: Collator, source: SpatialSource, dataset_root: str | Path):
         self.rows = samples.to_dict("records")
         self.collator = collator
         self.source = source
         self.root = Path(dataset_root)
-        self.vggt_image_size = vggt_image_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -45,7 +44,7 @@ class TrainSamples(Dataset):
         if features is None:
             from vlnflow.spatial.preprocess import load_frame
 
-            frames = torch.stack([load_frame(self.root / rel, self.vggt_image_size) for rel in row["frames"]])
+            frames = torch.stack([load_frame(self.root / rel, geometry=self.collator.geometry) for rel in row["frames"]])
         return TrainItem(encoded, features, frames)
 
 

@@ -152,12 +152,13 @@ def checkpoint_plan(
     return CheckpointPlan(layers, checkpointed, fits, estimate)
 
 
-def tokens_per_sample(image_size: int, frames: int, text_tokens: int = 550, merge: int = 28) -> int:
-    """LLM tokens of one sample: (image_size / 28)^2 per frame plus the prompt and answer text.
+def tokens_per_sample(tokens_per_frame: int, frames: int, text_tokens: int = 550) -> int:
+    """LLM tokens of one sample: image tokens per frame (vlnflow.spatial.geometry) x frames, plus the text.
 
-    5,311 for 9 frames at 644 (529 per frame), which is what the R2R-CE samples measure (~5.3k).
+    5,311 for 9 pad frames at 644 (529 per frame), which is what the R2R-CE samples measure (~5.3k); 4,069 with
+    crop (391 per frame).
     """
-    return frames * (image_size // merge) ** 2 + text_tokens
+    return frames * tokens_per_frame + text_tokens
 
 
 def plan_for_run(config: dict, model, world: int) -> CheckpointPlan | None:
@@ -168,8 +169,10 @@ def plan_for_run(config: dict, model, world: int) -> CheckpointPlan | None:
     if not tcfg["gradient_checkpointing"]:
         log.info("activation checkpointing off (train.gradient_checkpointing: false)")
         return None
-    image_size = config["model"].get("image_size") or config["spatial"]["image_size"]
-    tokens = tcfg["per_device_batch"] * tokens_per_sample(int(image_size), int(config["history"]["max_frames"]) + 1)
+    from vlnflow.spatial.geometry import geometry_of
+
+    per_frame = geometry_of(config["spatial"], config["model"]).tokens_per_frame
+    tokens = tcfg["per_device_batch"] * tokens_per_sample(per_frame, int(config["history"]["max_frames"]) + 1)
     zero = load_preset(tcfg["deepspeed"]).get("zero_optimization", {})
     plan = checkpoint_plan(
         ModelShape.of(model), tokens=tokens, gpus=world, budget_gib=tcfg.get("memory_budget_gib", 80),

@@ -78,9 +78,9 @@ def build_run(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_
     per_epoch = steps_per_epoch(len(samples), tcfg, world)
     total = max_steps or tcfg["max_steps"] or per_epoch * tcfg["epochs"]
     engine = build_engine(model, tcfg, world, device, total)
-    root, size = config["dataset"]["root"], config["spatial"]["image_size"]
-    dataset = TrainSamples(samples, collator, source, root, size)
-    val = TrainSamples(held_out, collator, source, root, size) if len(held_out) else None
+    root = config["dataset"]["root"]
+    dataset = TrainSamples(samples, collator, source, root)
+    val = TrainSamples(held_out, collator, source, root) if len(held_out) else None
     return TrainRun(config, run_dir, device, dist.get_rank(), world, dist, engine, collator, source, dataset, val, total, per_epoch)
 
 
@@ -164,7 +164,8 @@ def build_model(config: dict, device: torch.device, use_cache: bool, world: int 
     """(spatial feature source, collator, JanusModel in train mode) for this run's settings; the decoder
     layers recomputed in backward follow train.memory_budget_gib for `world` ranks (vlnflow.train.memory_plan)."""
     from vlnflow.model.batching import Collator
-    from vlnflow.model.loading import build_model as build_janus, load_processors, resolve_model_config
+    from vlnflow.model.loading import build_model as build_janus, check_init_preprocess, frame_geometry, load_processors
+    from vlnflow.model.loading import resolve_model_config
     from vlnflow.spatial.fingerprint import encoder_fingerprint, spatial_output
 
     tcfg = config["train"]
@@ -173,13 +174,16 @@ def build_model(config: dict, device: torch.device, use_cache: bool, world: int 
     source = SpatialSource(config, manifest, expected_fingerprint=fingerprint, allow_mismatch=tcfg["allow_fingerprint_mismatch"])
     grid, channels = spatial_output(config["spatial"])
     model_cfg = resolve_model_config(config)
-    tokenizer, image_processor = load_processors(model_cfg)
+    geometry = frame_geometry(config)
+    check_init_preprocess(model_cfg, geometry)
+    log.info("frames: %s", geometry.describe())
+    tokenizer, image_processor = load_processors(model_cfg, geometry)
     model = build_janus(model_cfg, channels, grid, device=device)
     plan = plan_for_run(config, model, world)  # None when train.gradient_checkpointing is false; logs the plan
     if plan is not None:
         model.checkpoint_layers(plan.checkpointed)
     model.train()
-    collator = Collator(tokenizer, image_processor, model_cfg, dataset_root=config["dataset"]["root"])
+    collator = Collator(tokenizer, image_processor, geometry, dataset_root=config["dataset"]["root"])
     return source, collator, model
 
 
