@@ -178,18 +178,12 @@ CASES = {"llm_varlen": case_llm, "vision_tower": case_vision, "vggt_encoder": ca
 
 
 def provenance(argv: list[str]) -> dict:
-    """Commit (git, or VLNFLOW_COMMIT / VLNFLOW_DIRTY where the copy has no .git), card and versions."""
+    """Commit (VLNFLOW_COMMIT / VLNFLOW_DIRTY when set, else git), card and versions."""
     info = {"command": " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__}
-    try:
-        root = Path(__file__).resolve().parents[1]
-        info["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,
-                                            text=True, check=True).stdout.strip())
-        info["commit_source"] = "git"
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"], info["dirty"] = os.environ.get("VLNFLOW_COMMIT"), os.environ.get("VLNFLOW_DIRTY")
-        info["commit_source"] = "environment"
+    if os.environ.get("VLNFLOW_COMMIT"):  # set by whoever copied the tree (a copy's .git can be stale)
+        info.update(commit=os.environ["VLNFLOW_COMMIT"], dirty=os.environ.get("VLNFLOW_DIRTY"), commit_source="environment")
+    else:
+        info.update(_git_commit())
     try:
         import transformers
 
@@ -198,6 +192,20 @@ def provenance(argv: list[str]) -> dict:
         pass
     info["card"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     info["flash_attn_4"] = fa4.unavailable_reason(torch.device(DEVICE)) or "usable"
+    return info
+
+
+def _git_commit() -> dict:
+    info = {}
+    try:
+        root = Path(__file__).resolve().parents[1]
+        info["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,
+                                            text=True, check=True).stdout.strip())
+        info["commit_source"] = "git"
+    except (OSError, subprocess.CalledProcessError):
+        info.update(commit=None, dirty=None, commit_source="unknown: no git and no VLNFLOW_COMMIT")
     return info
 
 
