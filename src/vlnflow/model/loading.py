@@ -18,6 +18,7 @@ import logging
 import torch
 
 from vlnflow import fa4
+from vlnflow.model import fused_kernels
 from vlnflow.config import ConfigError
 from vlnflow.model.janus import JanusModel
 from vlnflow.model.packed_attention import use_packed_attention
@@ -111,13 +112,19 @@ def build_model(
     qwen = load_qwen(model_cfg, dtype, device)
     vision = "transformers' own (vision_fast off)"
     if model_cfg.get("vision_fast", True):
-        apply_vision_fast(qwen.model.visual, attention=kernel)
-        vision = f"{kernel} varlen"
+        compiled = vision_compile(model_cfg, device)
+        apply_vision_fast(qwen.model.visual, attention=kernel, compile=compiled)
+        vision = f"{kernel} varlen" + (", blocks torch.compile'd" if compiled else "")
     llm = "sdpa (transformers' block-diagonal mask)"
     if model_cfg.get("llm_attention", "varlen") == "varlen":
         use_packed_attention(qwen, kernel)
         llm = f"{kernel} varlen, causal per sample" + ("" if kernel == fa4.FA4 else " (flash on CUDA, SDPA elsewhere)")
-    log.info("attention kernels: LLM %s; vision tower %s (model.attention=%s)", llm, vision, model_cfg.get("attention", "auto"))
+    fused = fused_kernels.resolve(model_cfg.get("fused_kernels", "auto"), device)
+    if fused == fused_kernels.LIGER:
+        counts = fused_kernels.apply_fused_kernels(qwen)
+        llm += f"; Liger RMSNorm x{counts['rms_norm']}, SwiGLU x{counts['swiglu']}, RoPE x{counts['rope']}"
+    log.info("kernels: LLM %s; vision tower %s (model.attention=%s, model.fused_kernels=%s)", llm, vision,
+             model_cfg.get("attention", "auto"), model_cfg.get("fused_kernels", "auto"))
     merger = _build_merger(model_cfg, spatial_channels, qwen.config.text_config.hidden_size)
     merger.to(device=device or "cpu", dtype=dtype)
     return JanusModel(
@@ -128,6 +135,16 @@ def build_model(
         freeze_vision=bool(model_cfg.get("freeze_vision", True)),
         train_visual_merger=bool(model_cfg.get("train_visual_merger", False)),
     )
+
+
+def vision_compile(model_cfg: Mapping[str, Any], device) -> bool:
+    """`model.compile_vision`: auto compiles the frozen tower's blocks on CUDA (vlnflow.model.vision_fast V3)."""
+    setting = model_cfg.get("compile_vision", "auto")
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"config setting 'model.compile_vision' must be auto, true or false, got {setting!r}")
+    if setting == "auto":
+        return device is not None and torch.device(device).type == "cuda"
+    return bool(setting)
 
 
 def attention_kernel(model_cfg: Mapping[str, Any], device, dtype: torch.dtype) -> str:

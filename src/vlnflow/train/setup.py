@@ -178,6 +178,8 @@ def build_model(config: dict, device: torch.device, use_cache: bool, world: int 
     check_init_preprocess(model_cfg, geometry)
     log.info("frames: %s", geometry.describe())
     tokenizer, image_processor = load_processors(model_cfg, geometry)
+    if tcfg["deepspeed"] == "zero3" and model_cfg.get("compile_vision", "auto") == "auto":
+        model_cfg["compile_vision"] = False  # ZeRO-3 gathers partitioned weights in module hooks: keep the tower eager
     model = build_janus(model_cfg, channels, grid, device=device)
     plan = plan_for_run(config, model, world)  # None when train.gradient_checkpointing is false; logs the plan
     if plan is not None:
