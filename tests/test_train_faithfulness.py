@@ -228,6 +228,25 @@ def test_cached_and_no_cache_runs_follow_the_same_loss_curve(runs):
 
 
 @pytest.mark.slow
+def test_step_metrics_count_what_a_flop_count_needs(runs, cache):
+    """tokens, label tokens, sum of squared sample lengths and images per optimizer step (vlnflow.flops reads them)."""
+    from vlnflow.model.batching import Collator
+    from vlnflow.model.loading import load_processors, resolve_model_config
+
+    _, config, _ = cache
+    model_cfg = resolve_model_config(config)
+    collator = Collator(*load_processors(model_cfg), model_cfg, dataset_root=config["dataset"]["root"])
+    rows = pd.read_parquet(config["train"]["samples"]).set_index("sample_id")
+    for metrics, ids in zip(runs["cached"].metrics, runs["steps"]):
+        micro = [ids[i : i + 2] for i in range(0, len(ids), 2)]  # per_device_batch 2, grad_accum 2
+        packed = [collator.pack_tokens([collator.encode({**rows.loc[s].to_dict(), "sample_id": s}) for s in m]) for m in micro]
+        assert metrics["tokens"] == sum(b["input_ids"].shape[1] for b in packed)
+        assert metrics["label_tokens"] == sum(b["label_positions"].numel() for b in packed) > 0
+        assert metrics["seq_tokens_sq"] == sum(n * n for b in packed for n in b["seq_lens"])
+        assert metrics["images"] == sum(len(rows.loc[s, "frames"]) for s in ids)
+
+
+@pytest.mark.slow
 def test_runs_have_the_same_gradients_at_every_step_and_a_wrong_feature_run_does_not(runs):
     cached = step_grads(runs, "cached")
     names = set(cached[0])
