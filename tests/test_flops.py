@@ -107,7 +107,8 @@ def test_spatial_merger_and_training_step_by_hand():
     assert F.spatial_merger_forward((4, 6), channels=3, hidden=5, out=7) == 720 + 420
     assert F.spatial_merger_forward((5, 7), 3, 5, 7) == 1140
     llm = F.LlmShape(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
-    work = F.BatchWork(seq_lens=(3, 5), labels=2, image_grids=((6, 10),))
+    work = F.BatchWork.of_lengths((3, 5), labels=2, image_grids=((6, 10),))
+    assert (work.samples, work.tokens, work.tokens_sq) == (2, 8, 9 + 25)
     step = F.training_step(work, llm, TINY_VISION, spatial_grid=(4, 6), spatial_channels=3, merger_hidden=5, recomputed_layers=1)
     merger_fwd = 2 * 6 * 12 * 5 + 2 * 6 * 5 * 8  # out = the LLM hidden (8)
     assert step["llm"] == 3 * (18432 + 1088 + 320)
@@ -115,7 +116,9 @@ def test_spatial_merger_and_training_step_by_hand():
     assert step["merger"] == 3 * 2 * merger_fwd  # trained, one feature map per sample
     assert step["recompute"] == (18432 + 1088) / 2  # 1 of 2 layers' forward again, the head is not recomputed
     assert step["model"] == step["llm"] + step["vision"] + step["merger"] and step["executed"] == step["model"] + step["recompute"]
-    assert (work + work).seq_lens == (3, 5, 3, 5) and (work + work).labels == 4 and (work + work).samples == 4
+    twice = work + work
+    assert (twice.samples, twice.tokens, twice.tokens_sq, twice.labels, twice.image_grids) == (4, 16, 68, 4, ((6, 10), (6, 10)))
+    assert F.llm_forward_sums(llm, 8, 34, 2) == F.llm_forward(llm, (3, 5), 2)
 
 
 def test_batch_work_of_a_packed_batch():
@@ -136,7 +139,8 @@ def test_batch_work_of_a_packed_batch():
     batch = Collator(tokenizer, processor, cfg, dataset_root=root)(rows, [torch.zeros(16, 12)] * 2)
     work = F.BatchWork.of(batch)
     cu = batch["cu_seqlens"].tolist()
-    assert work.seq_lens == tuple(b - a for a, b in zip(cu[:-1], cu[1:])) and work.tokens == batch["input_ids"].shape[1]
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    assert (work.samples, work.tokens, work.tokens_sq) == (2, batch["input_ids"].shape[1], sum(n * n for n in lens))
     assert work.labels == batch["label_positions"].numel() > 0
     assert work.image_grids == ((4, 4),) * 3  # 56 px / 14
     del batch["seq_lens"]  # older batches: read from cu_seqlens
@@ -146,7 +150,7 @@ def test_batch_work_of_a_packed_batch():
 def test_real_7b_step_matches_the_design_breakdown():
     """docs/design.md "Measured facts": a 5,310-token sample with 80 label tokens and 9 frames of 644x644."""
     llm, vision = F.LlmShape(), F.VisionShape()
-    work = F.BatchWork((5310,), 80, ((46, 46),) * 9)
+    work = F.BatchWork.of_lengths((5310,), 80, ((46, 46),) * 9)
     step = F.training_step(work, llm, vision, spatial_grid=(46, 46), spatial_channels=2048, merger_hidden=4096,
                            recomputed_layers=28)  # fmt: skip
     fwd = step["llm_forward"]

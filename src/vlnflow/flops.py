@@ -128,11 +128,15 @@ def llm_forward(shape: LlmShape, seq_lens: Sequence[int], labels: int) -> dict:
     seq_lens: each packed sample's token count (attention is per sample: causal, varlen);
     labels: positions the label-only head runs on (the batch's real count).
     """
-    tokens = sum(seq_lens)
+    return llm_forward_sums(shape, sum(seq_lens), sum(t * t for t in seq_lens), labels)
+
+
+def llm_forward_sums(shape: LlmShape, tokens: int, tokens_sq: int, labels: int) -> dict:
+    """llm_forward from sums: tokens = sum T_i, tokens_sq = sum T_i^2 (what the trainer's metrics log per step)."""
     width = shape.heads * shape.head_dim
     return {
         "linear": shape.layers * 2.0 * shape.block_weights * tokens,
-        "attention": shape.layers * sum(causal_attention(t, width) for t in seq_lens),
+        "attention": shape.layers * 2.0 * tokens_sq * width,  # causal_attention per sample, summed
         "head": linear(labels, shape.hidden, shape.vocab),
     }
 
@@ -194,35 +198,34 @@ def spatial_merger_forward(spatial_grid: tuple[int, int], channels: int, hidden:
 
 @dataclass(frozen=True)
 class BatchWork:
-    """What one (micro-)batch holds, from host-side facts: per-sample token counts, label positions,
-    each image's (grid_h, grid_w) of vision patches, and the number of samples (= spatial feature maps)."""
+    """What one or more (micro-)batches hold, from host-side facts: samples, tokens, the sum of squared
+    per-sample token counts, label positions, and each image's (grid_h, grid_w) of vision patches."""
 
-    seq_lens: tuple[int, ...]
+    samples: int
+    tokens: int
+    tokens_sq: int
     labels: int
     image_grids: tuple[tuple[int, int], ...]
 
-    @property
-    def samples(self) -> int:
-        return len(self.seq_lens)
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.seq_lens)
+    @classmethod
+    def of_lengths(cls, seq_lens: Sequence[int], labels: int, image_grids) -> BatchWork:
+        return cls(len(seq_lens), sum(seq_lens), sum(t * t for t in seq_lens), labels, tuple(tuple(g) for g in image_grids))
 
     @classmethod
     def of(cls, batch: dict) -> BatchWork:
         """From a packed batch (vlnflow.model.batching): host `seq_lens` when present, else `cu_seqlens`
         (a device tensor is read back: call outside timed regions)."""
         if batch.get("seq_lens") is not None:
-            lens = tuple(int(n) for n in batch["seq_lens"])
+            lens = [int(n) for n in batch["seq_lens"]]
         else:
             cu = [int(v) for v in batch["cu_seqlens"].tolist()]
-            lens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
-        grids = tuple((int(g[1]), int(g[2])) for g in batch["image_grid_thw"].tolist())
-        return cls(lens, int(batch["label_positions"].numel()), grids)
+            lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        grids = [(int(g[1]), int(g[2])) for g in batch["image_grid_thw"].tolist()]
+        return cls.of_lengths(lens, int(batch["label_positions"].numel()), grids)
 
     def __add__(self, other: BatchWork) -> BatchWork:
-        return BatchWork(self.seq_lens + other.seq_lens, self.labels + other.labels, self.image_grids + other.image_grids)
+        return BatchWork(self.samples + other.samples, self.tokens + other.tokens, self.tokens_sq + other.tokens_sq,
+                         self.labels + other.labels, self.image_grids + other.image_grids)  # fmt: skip
 
 
 def training_step(work: BatchWork, llm: LlmShape, vision: VisionShape, *, spatial_grid: tuple[int, int] | None,
@@ -233,7 +236,7 @@ def training_step(work: BatchWork, llm: LlmShape, vision: VisionShape, *, spatia
     tower x1 (forward only), spatial merger x3 per sample; recompute: the forward of the
     `recomputed_layers` checkpointed decoder layers (linear + attention), kept apart from `model`.
     """
-    fwd = llm_forward(llm, work.seq_lens, work.labels)
+    fwd = llm_forward_sums(llm, work.tokens, work.tokens_sq, work.labels)
     tower = [vision_forward(vision, g) for g in work.image_grids]
     out = {
         "llm": 3 * sum(fwd.values()),
