@@ -172,3 +172,19 @@ def test_mfu_names_its_denominators():
     assert cpu["mfu_vs_peak"] is None and cpu["mfu_vs_matmul"] is None and cpu["tflops_per_s_per_gpu"] == 1.0
     with pytest.raises(ValueError):
         F.mfu(1.0, 0.0)
+
+
+def test_step_counter_takes_the_shapes_from_the_config():
+    from vlnflow.config import load_config
+
+    demo = load_config(REPO / "config.yaml")  # tiny Qwen (64 wide, 2 layers), tiny VGGT at 56 px
+    count = F.step_counter(demo)
+    assert (count.llm.layers, count.llm.hidden, count.llm.heads, count.vision.depth) == (2, 64, 4, 2) and count.image_grid == (4, 4)
+    work = F.BatchWork.of_lengths((40, 30), 6, ((4, 4),) * 3)
+    step = count(work, recomputed_layers=1)
+    assert step == F.training_step(work, count.llm, count.vision, spatial_grid=(4, 4), spatial_channels=64,
+                                   merger_hidden=demo["model"]["merger_hidden"], recomputed_layers=1)  # fmt: skip
+    r2r = load_config(REPO / "configs" / "janusvln_r2r_h800.yaml")  # Qwen2.5-VL-7B shape, VGGT-1B at 644
+    real = F.step_counter({**r2r, "model": {**r2r["model"], "qwen_path": None, "init_from": None, "preset": "qwen2.5-vl-7b"}})
+    assert real.llm == F.LlmShape() and real.vision == F.VisionShape() and real.image_grid == (46, 46)
+    assert real(F.BatchWork.of_lengths((5310,), 80, ((46, 46),) * 9))["model"] / 1e12 == pytest.approx(250.75, abs=0.01)

@@ -291,3 +291,28 @@ def mfu(flop: float, seconds: float, *, gpus: int = 1, matmul_tflops: float | No
         "mfu_vs_matmul": rate / matmul_tflops if matmul_tflops else None,
         "peak_tflops": peak,
     }
+
+
+def step_counter(config: dict):
+    """`count(work, recomputed_layers=0) -> training_step(...)` with the shapes of `config`'s model (qwen_path or
+    the random-init preset) and spatial path; `count.image_grid` is the Qwen patch grid of one frame (for counts
+    that know only the number of images, such as the trainer's per-step metrics)."""
+    from vlnflow.model.loading import qwen_config, resolve_model_config
+    from vlnflow.spatial.fingerprint import spatial_output
+
+    model_cfg = resolve_model_config(config)
+    qc = qwen_config(model_cfg)
+    if qc is None:
+        raise ValueError("step_counter: model.init_from has no config to count from before the model is built")
+    llm, vision = LlmShape.of(qc.text_config), VisionShape.of(qc.vision_config)
+    grid, channels = spatial_output(config["spatial"])
+    hidden = int(model_cfg["merger_hidden"])
+    side = int(model_cfg["image_size"]) // vision.patch_size
+
+    def count(work: BatchWork, recomputed_layers: int = 0) -> dict:
+        return training_step(work, llm, vision, spatial_grid=tuple(grid), spatial_channels=channels, merger_hidden=hidden,
+                             recomputed_layers=recomputed_layers)  # fmt: skip
+
+    count.image_grid = (side, side)
+    count.llm, count.vision = llm, vision
+    return count

@@ -271,10 +271,11 @@ def _peak_of(name: str, case: dict) -> MeasuredPeak | None:
     if "deepspeed" in case:  # --mode zero2: the trainer under DeepSpeed
         if not summary.get("peak_gib") or not summary.get("tokens_per_sample"):
             return None
-        layers = case.get("layers", ModelShape().layers)
+        ckpt = case.get("checkpointed_layers")
+        if ckpt is None:  # written before selective checkpointing (or the plan line was not found): every layer
+            ckpt = case.get("layers") or ModelShape().layers
         return MeasuredPeak(source, round(summary["tokens_per_sample"] * case["per_device_batch"]), case["gpus"], case["deepspeed"],
-                            case.get("checkpointed_layers", layers), summary["peak_gib"],
-                            float(case.get("zero_bucket_elements") or 2e8))  # fmt: skip
+                            ckpt, summary["peak_gib"], float(case.get("zero_bucket_elements") or 2e8))  # fmt: skip
     if case.get("peak_gib") and case.get("samples") and "checkpointed_layers" in case and case.get("packing") != "stock":
         tokens = round(case["tokens"] / case["samples"] * case["per_device_batch"])  # --mode fwdbwd: one GPU, no optimizer
         return MeasuredPeak(source, tokens, 1, None, case["checkpointed_layers"], case["peak_gib"])
