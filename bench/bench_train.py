@@ -6,8 +6,9 @@ Two modes, each one run on one machine so every ratio compares like with like.
 training model WITHOUT the optimizer (the 7B does not fit ZeRO-2 with Adam on one card), bf16 weights
 and gradients, on the trainer's own packed batches (9 frames of 640x480 -> 644x644, ~5.3k tokens per
 sample, per_device_batch 4), cases `old` (current kernels, full checkpointing, packing in the training
-process), `new` (flash-attn-4, selective checkpointing planned for 80 GiB cards under ZeRO-2 x 8,
-packing in DataLoader workers + prefetched copies), `new_card` (the plan for this card, no optimizer)
+process), `new` (flash-attn-4, selective checkpointing planned for 80 GB cards under ZeRO-2 x 8,
+packing in DataLoader workers + prefetched copies), `new_torch` (the same on the current kernels, where
+flash-attn-4 runs), `new_card` (the plan for this card, no optimizer)
 and `stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing),
 plus a bf16 matmul ceiling and the ratios (bench/fwdbwd.py has the details):
 
@@ -244,7 +245,7 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
         if row.get("ok"):
             repetitions[row["name"]] = row["steps"]
         results.setdefault("cases", []).append(row)
-    pairs = (("old", "new"), ("old", "new_card"), ("stock_hf", "new"), ("stock_hf", "old"))
+    pairs = (("old", "new"), ("old", "new_card"), ("new_torch", "new"), ("stock_hf", "new"), ("stock_hf", "old"))
     add_ratios(results, pairs, "s_per_sample", "s/sample, same card and run")
     results["wall_s"] = time.perf_counter() - started
     (out / "train_bench.json").write_text(json.dumps(results, indent=2))

@@ -8,8 +8,9 @@ values (`RandomFeatures` stands in for the cache: their values do not change the
 Cases (one model, reconfigured between cases, so every case runs the same weights):
   old       current kernels (torch varlen), every decoder layer checkpointed, packing and mRoPE
             positions in the training process (collator.pack, model.position_ids), blocking copy;
-  new       flash-attn-4 where it runs, checkpointing per vlnflow.train.memory_plan for an 80 GiB
-            card under ZeRO-2 on 8 GPUs, packing in workers (PackInWorker) + DeviceBatches prefetch;
+  new       flash-attn-4 where it runs, checkpointing per vlnflow.train.memory_plan for an 80 GB
+            (79.6 GiB) card under ZeRO-2 on 8 GPUs, packing in workers (PackInWorker) + DeviceBatches prefetch;
+  new_torch the same with the current kernels (only where flash-attn-4 runs): its share, in one run;
   new_card  the same with the plan for this card without an optimizer (the recompute floor);
   stock_hf  transformers' own Qwen2.5-VL forward + loss (sdpa, stock vision attention; full logits),
             the micro-batch's samples padded to one [B, T] batch, every layer checkpointed.
@@ -229,7 +230,7 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
     tokens_guess = per_device * tokens_per_sample(size, int(cfg["history"]["max_frames"]) + 1)
     card_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else CARD_GIB["H200"]
     fast = fa4.FA4 if not fa4.unavailable_reason(device) else "torch"
-    plans = {
+    plans = {  # new_torch shares new's plan
         "new": checkpoint_plan(shape, tokens=tokens_guess, gpus=8, budget_gib=CARD_GIB["H100 / H800 80GB"]),
         # 90 % of this card: an OOM would lose the case
         "new_card": checkpoint_plan(shape, tokens=tokens_guess, gpus=1, budget_gib=0.9 * card_gib, optimizer=False),
@@ -238,6 +239,8 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
     cases = [
         ("old", "torch", tuple(range(shape.layers)), "main"),
         ("new", fast, plans["new"].checkpointed, "workers"),
+        # the same with the current kernels: flash-attn-4's share measured in this run (skipped where fa4 cannot run)
+        *([("new_torch", "torch", plans["new"].checkpointed, "workers")] if fast == fa4.FA4 else []),
         ("new_card", fast, plans["new_card"].checkpointed, "workers"),
         ("stock_hf", "sdpa", tuple(range(shape.layers)), "stock"),
     ]
@@ -253,9 +256,10 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
                "per_device_batch": per_device, "grad_accum": 1, "gpus": 1}
         if kernel == "torch" and name.startswith("new"):
             row["note"] = f"flash-attn-4 unavailable: {fa4.unavailable_reason(device)}"
-        if name in plans:
-            row["plan"] = plans[name].describe()
-            row["plan_estimate_gib"] = plans[name].estimate_gib.get("total")
+        plan = plans.get("new" if name == "new_torch" else name)
+        if plan is not None:
+            row["plan"] = plan.describe()
+            row["plan_estimate_gib"] = plan.estimate_gib.get("total")
         try:
             if packing == "stock":
                 stock_configure(model)
