@@ -206,8 +206,6 @@ def main() -> int:
         ckpt_root = Path("/dev/shm/bench_export_run")
     run_dir = ckpt_root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    import torch
-
     from vlnflow.provenance import provenance
 
     results: dict = {"provenance": provenance({"predict samples (after one warm-up)": args.samples, "export, load": 1}),

@@ -49,7 +49,7 @@ import yaml
 
 from vlnflow.flops import BatchWork, mfu, step_counter
 from vlnflow.provenance import provenance
-from vlnflow.timing import matmul_tflops, ratio, scaled, spread
+from vlnflow.timing import matmul_tflops, ratio, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT_LINE = re.compile(r"activation checkpointing: (\d+) of (\d+) decoder layers recomputed")
@@ -103,7 +103,7 @@ def prepare(work: Path, cfg: dict, tiny: bool, results: dict) -> None:
     from vlnflow.timing import timed_calls
 
     frames = torch.rand(1, 9, 3, cfg["spatial"]["image_size"], cfg["spatial"]["image_size"], device=encoder.device)
-    ts = timed_calls(lambda: encoder.encode_streaming(frames), encoder.device, warmup=1, iters=2 if tiny else 10)
+    ts = timed_calls(lambda enc=encoder: enc.encode_streaming(frames), encoder.device, warmup=1, iters=2 if tiny else 10)
     results["vggt_streaming_batch1_s_per_sample"] = spread(ts)
     del encoder
     if torch.cuda.is_available():

@@ -25,7 +25,6 @@ image grids); recompute of the checkpointed layers is counted apart from the mod
 
 from __future__ import annotations
 
-import statistics
 import time
 import traceback
 
