@@ -8,7 +8,7 @@ SDPA, measured slower per sample than batch 1 (docs/design.md, "Measured facts")
 
 Batch keys (tensors on CPU; the trainer moves them):
   input_ids [1, T], labels [1, T] (-100 off the answers), mm_token_type_ids [1, T]
-  cu_seqlens [B+1] int32, max_seqlen int, label_positions [L] (index p: predict
+  cu_seqlens [B+1] int32, max_seqlen int, seq_lens list[int] (the same lengths on the host), label_positions [L] (index p: predict
   labels[p] from position p-1; never a sample's first token)
   pixel_values [patches, 3*2*14*14], image_grid_thw [images, 3], image_sample_index [images]
   spatial_features [B, P, C], sample_ids list[str]
@@ -110,6 +110,7 @@ class Collator:
             "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
             "cu_seqlens": torch.as_tensor(cu, dtype=torch.int32),
             "max_seqlen": int(max(lengths)),
+            "seq_lens": lengths,  # host ints (FLOP counts without reading cu_seqlens back from the GPU)
             "label_positions": supervised.nonzero().squeeze(1),
             "pixel_values": torch.cat([s.pixel_values for s in samples]),
             "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),

@@ -76,6 +76,22 @@ def load_processors(model_cfg: Mapping[str, Any], geometry: FrameGeometry):
     return tokenizer, build_image_processor(geometry.qwen_hw, base=base)
 
 
+def qwen_config(model_cfg: Mapping[str, Any]):
+    """The Qwen2.5-VL config of qwen_path or the random-init preset, without building weights (FLOP counts);
+    None with model.init_from (its config is read when the model is built)."""
+    if model_cfg.get("init_from"):
+        return None
+    path = _qwen_dir(model_cfg)
+    if path is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
+    if model_cfg.get("preset", "tiny") == "qwen2.5-vl-7b":
+        return qwen7b_config(special_token_ids(tokenizer))
+    return tiny_config(tokenizer, _tiny_sizes(model_cfg))
+
+
 def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, device=None):
     """Qwen2_5_VLForConditionalGeneration with sdpa attention, from qwen_path or random per preset."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -88,13 +104,8 @@ def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, 
             path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
         )
     else:
-        tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
-        if model_cfg.get("preset", "tiny") == "qwen2.5-vl-7b":
-            config = qwen7b_config(special_token_ids(tokenizer))
-        else:
-            config = tiny_config(tokenizer, _tiny_sizes(model_cfg))
         with torch.device(device or "cpu"):
-            model = random_qwen(config, int(model_cfg.get("seed", 0)), dtype)
+            model = random_qwen(qwen_config(model_cfg), int(model_cfg.get("seed", 0)), dtype)
     return model.to(device) if device is not None else model
 
 
