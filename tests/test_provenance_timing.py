@@ -24,12 +24,15 @@ def test_commit_and_dirty_flag_from_git(tmp_path):
     _git(repo, "add", "a.py")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     head = _git(repo, "rev-parse", "HEAD")
-    env = {"VLNFLOW_COMMIT": "not-this-one", "VLNFLOW_DIRTY": "1"}
+    env = {}
     assert provenance.commit_info(repo, env) == {"commit": head, "dirty": False, "commit_source": "git"}
     (repo / "results.json").write_text("{}")  # untracked output: still clean
     assert provenance.commit_info(repo, env)["dirty"] is False
     (repo / "a.py").write_text("x = 2\n")
     assert provenance.commit_info(repo, env) == {"commit": head, "dirty": True, "commit_source": "git"}
+    # whoever copied the tree knows better than a copied (possibly stale) .git
+    told = {"VLNFLOW_COMMIT": "f269342", "VLNFLOW_DIRTY": "0"}
+    assert provenance.commit_info(repo, told) == {"commit": "f269342", "dirty": False, "commit_source": "env"}
 
 
 def test_commit_from_the_environment_without_git(tmp_path):

@@ -3,9 +3,8 @@
 Every bench/ script puts `provenance(...)` at the top of its results JSON, so a figure in
 docs/benchmarks.md can be traced to the code that produced it and re-run from the same commit.
 
-The commit comes from git when the repository has a .git; where the tree was copied without
-one (a lent GPU machine gets the working tree only), from VLNFLOW_COMMIT and VLNFLOW_DIRTY set
-by whoever copied it:
+The commit comes from VLNFLOW_COMMIT and VLNFLOW_DIRTY when whoever copied the tree set them
+(a lent GPU machine gets a copy of the working tree, whose .git may be stale), else from git:
 
     VLNFLOW_COMMIT=$(git rev-parse HEAD) VLNFLOW_DIRTY=$(git status --porcelain -uno | grep -q . && echo 1 || echo 0)
 
@@ -48,19 +47,21 @@ def _flag(value: str, name: str) -> bool:
 
 
 def commit_info(repo: Path = REPO, environ: dict | None = None) -> dict:
-    """{"commit", "dirty", "commit_source"}: git when `repo` has a .git, else VLNFLOW_COMMIT / VLNFLOW_DIRTY.
+    """{"commit", "dirty", "commit_source"}: VLNFLOW_COMMIT / VLNFLOW_DIRTY when set, else git.
 
-    dirty counts changes to tracked files only (results written into an untracked folder do not count).
+    The variables win because whoever sets them copied the tree and knows its commit, while a copy can carry
+    a stale .git (the lent GPU machine's copy reported the session's first commit on 2026-12-07). dirty counts
+    changes to tracked files only (results written into an untracked folder do not count).
     """
     env = os.environ if environ is None else environ
+    if env.get(COMMIT_ENV):
+        dirty = _flag(env[DIRTY_ENV], DIRTY_ENV) if DIRTY_ENV in env else None
+        return {"commit": env[COMMIT_ENV].strip(), "dirty": dirty, "commit_source": "env"}
     if (repo / ".git").exists():
         commit = _git("rev-parse", "HEAD", repo=repo)
         status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
         if commit is not None and status is not None:
             return {"commit": commit, "dirty": bool(status), "commit_source": "git"}
-    if env.get(COMMIT_ENV):
-        dirty = _flag(env[DIRTY_ENV], DIRTY_ENV) if DIRTY_ENV in env else None
-        return {"commit": env[COMMIT_ENV].strip(), "dirty": dirty, "commit_source": "env"}
     return {"commit": None, "dirty": None, "commit_source": "unknown"}
 
 
