@@ -40,6 +40,7 @@ from vlnflow import fa4
 from vlnflow import flops as F
 from vlnflow.provenance import provenance
 from vlnflow.spatial import PRESETS, SpatialEncoder
+from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.timing import matmul_tflops, ratio, scaled, spread, timed_calls
 
 
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="vggt-1b", choices=sorted(PRESETS))
     ap.add_argument("--image-size", type=int, default=644)
+    ap.add_argument("--preprocess", default="crop,pad",
+                    help="frame preparations (spatial.preprocess), comma list: the first drives every row, the others "
+                         "repeat the check and the indexed rows on their frame shape, in this run (crop vs pad)")
+    ap.add_argument("--frame-size", default="640x480", help="source frame WxH (spatial.frame_size): 640x480 = R2R-CE")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--batch-sizes", default="1,4,8,16")
@@ -98,21 +103,27 @@ def main(argv=None) -> int:
 
     out_json = args.out_json or (os.path.join(os.environ["OUT"], "spatial_bench.json") if os.environ.get("OUT") else None)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    modes = [m for m in args.preprocess.split(",") if m]
+    frame_size = [int(v) for v in args.frame_size.lower().split("x")]
     spatial_cfg = {
         "preset": args.preset, "weights": None, "seed": 0, "image_size": args.image_size, "layer": -2,
         "reference_frame": "last", "dtype": "bfloat16", "device": args.device, "attention": "sdpa",
+        "preprocess": modes[0], "frame_size": frame_size,
     }
     t0 = time.perf_counter()
     base = SpatialEncoder.from_config(spatial_cfg, compile_blocks=False)
     dev = base.device
-    cfg, grid, s = base.model.config, base.grid, args.frames
+    # FLOPs follow the VGGT input's patch grid (crop 35x46 for 640x480 at 644), not the kept 34x46
+    cfg, grid, s = base.model.config, base.geometry.vggt_grid, args.frames
+    hw = base.geometry.vggt_hw
     keep = base.layer
     flops_min = F.vggt_minimum(cfg, grid, s, keep)
     flops_stream = F.vggt_streaming(cfg, grid, s)
     repetitions: dict = {}
     report = {
         "provenance": provenance(repetitions, argv=sys.argv if argv is None else ["bench/bench_spatial.py", *argv], device=dev),
-        "preset": args.preset, "image_size": args.image_size, "frames": s, "grid": grid, "kept_layer": keep,
+        "preset": args.preset, "image_size": args.image_size, "preprocess": modes[0], "frame_size": frame_size,
+        "input_hw": list(hw), "frames": s, "grid": grid, "kept_layer": keep,
         "params": sum(p.numel() for p in base.model.parameters()),
         "tflop_min_per_sample": flops_min / 1e12, "tflop_streaming_per_sample": flops_stream / 1e12,
         "build_s": time.perf_counter() - t0, "rows": [], "ratios": [],
@@ -132,10 +143,9 @@ def main(argv=None) -> int:
         save()
 
     gen = torch.Generator().manual_seed(0)
-    size = args.image_size
 
     def frames(b):
-        return torch.rand(b, s, 3, size, size, generator=gen).to(dev)
+        return torch.rand(b, s, 3, *hw, generator=gen).to(dev)
 
     # (c) the matmul ceiling, in this run
     mm = matmul_tflops(dev, args.matmul_size)
@@ -187,7 +197,7 @@ def main(argv=None) -> int:
     # (a) streaming, batch 1, frame by frame, over samples of the first indexed batch (the same samples)
     first_b = (ints(args.indexed_batch_sizes) or [args.stream_samples])[0]
     stream_idx = episode_index(max(first_b, 1))
-    stream_images = torch.rand(int(stream_idx.max()) + 1, 3, size, size, generator=gen).to(dev)
+    stream_images = torch.rand(int(stream_idx.max()) + 1, 3, *hw, generator=gen).to(dev)
     stream_rows = {}
     for case, all_layers, flops in (
         ("stream_all", True, flops_stream),
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
         `same_samples`, `encode` on exactly those samples (the like-for-like pair for a ratio)."""
         idx = episode_index(bsz)
         unique = int(idx.max()) + 1
-        images = torch.rand(unique, 3, size, size, generator=gen).to(dev)
+        images = torch.rand(unique, 3, *hw, generator=gen).to(dev)
         out = {}
         if same_samples:
             x = images[idx]
@@ -279,7 +289,7 @@ def main(argv=None) -> int:
         tag = {**use(best[1]), "attention": fa4.FA4}
         try:
             idx = episode_index(2)
-            x = torch.rand(int(idx.max()) + 1, 3, size, size, generator=gen).to(dev)
+            x = torch.rand(int(idx.max()) + 1, 3, *hw, generator=gen).to(dev)
             sdpa_out = base.encode_indexed(x, idx)
             base.model.attention_kernel = base.attention_kernel_for(fa4.FA4)  # keeps the compiled block halves
             add({"case": "check_fa4", "indexed_fa4_vs_sdpa": rel(base.encode_indexed(x, idx), sdpa_out)})
@@ -294,6 +304,31 @@ def main(argv=None) -> int:
     else:
         add({"case": "indexed_fa4", "attention": fa4.FA4, "skipped": fa4_reason or "no batched combo ran"})
 
+    # (b4) the other frame preparations (crop vs pad): the same model and combo, their frame shape and FLOPs
+    first_rows = dict(indexed_rows)
+    for mode in modes[1:]:
+        other = FrameGeometry(mode, args.image_size, tuple(frame_size))
+        hw, grid = other.vggt_hw, other.vggt_grid
+        try:
+            x = frames(2)
+            check = {"case": "check", "preprocess": mode, "input_hw": list(hw),
+                     "indexed_vs_batched": rel(base.encode_indexed(x.flatten(0, 1), torch.arange(2 * s).view(2, s)), base.encode(x))}
+            if dev.type == "cuda":
+                ref32 = SpatialEncoder.from_config({**spatial_cfg, "preprocess": mode, "dtype": "float32"})
+                check["bf16_vs_fp32"] = rel(base.encode(x), ref32.encode(x))
+                del ref32
+                torch.cuda.empty_cache()
+            add(check)
+            if best is not None:
+                tag = {**use(best[1]), "preprocess": mode}
+                for bsz in ints(args.indexed_batch_sizes):
+                    row = time_indexed(bsz, tag, same_samples=False)["indexed"]
+                    if bsz in first_rows:
+                        add_ratio(f"encode_indexed {modes[0]} / {mode} frames, B={bsz}", first_rows[bsz], row)
+        except Exception as exc:
+            add({"case": "indexed", "preprocess": mode, "error": repr(exc), "trace": traceback.format_exc(limit=4)})
+    hw, grid = base.geometry.vggt_hw, base.geometry.vggt_grid
+
     if args.profile and best is not None:
         use(best[1])
         x = frames(best[0]["batch"])
@@ -302,7 +337,7 @@ def main(argv=None) -> int:
         bsz = ints(args.indexed_batch_sizes)[-1] if args.indexed_batch_sizes else 0
         if bsz:
             idx = episode_index(bsz)
-            images = torch.rand(int(idx.max()) + 1, 3, size, size, generator=gen).to(dev)
+            images = torch.rand(int(idx.max()) + 1, 3, *hw, generator=gen).to(dev)
             report["profile"]["indexed"] = profile_summary(lambda: base.encode_indexed(images, idx), dev, bsz)
         save()
         for name, prof in report["profile"].items():

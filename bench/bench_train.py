@@ -236,30 +236,48 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
     samples = pd.read_parquet(idx / "samples.parquet")
     log = lambda msg: print(f"[bench_train {time.perf_counter() - started:5.0f}s] {msg}", flush=True)  # noqa: E731
     wanted = None if args.cases == "all" else set(args.cases.split(","))
-    rows = run_cases(cfg, samples, device, per_device=args.per_device_batch, warmup=args.warmup, steps=args.steps,
-                     workers=1 if args.tiny else args.workers, wanted=wanted, log=log,
-                     deadline=started + args.budget_s)
+    modes = [m for m in args.preprocess.split(",") if m]
+    other = None if args.cases_other == "all" else set(args.cases_other.split(","))
+    rows, checks = [], []
+    for i, mode in enumerate(modes):  # the first frame preparation runs every case, the others `--cases-other`
+        cfg["spatial"]["preprocess"] = mode
+        got = run_cases(cfg, samples, device, per_device=args.per_device_batch, warmup=args.warmup, steps=args.steps,
+                        workers=1 if args.tiny else args.workers, wanted=wanted if i == 0 else other, log=log,
+                        deadline=started + args.budget_s)
+        for row in got:
+            if i:
+                row["name"] = f"{row['name']}@{mode}"
+            (checks if row["name"].startswith("check") else rows).append(row)
     matmul = (results["matmul_tflops"] or {}).get("median")
     for row in rows:
         row["summary"] = summarize_fwdbwd(row, matmul, card)
         if row.get("ok"):
             repetitions[row["name"]] = row["steps"]
         results.setdefault("cases", []).append(row)
-    pairs = (("old", "new"), ("old", "new_card"), ("new_torch", "new"), ("stock_hf", "new"), ("stock_hf", "old"))
+    results["checks"] = checks
+    by_name = {r["name"]: r["summary"] for r in rows if r["summary"].get("ok")}
+    for row in rows:  # each case's vision tower share: the tower-alone row of its frames and compile setting
+        suffix = "@" + row["name"].split("@")[1] if "@" in row["name"] else ""
+        vision = by_name.get(("vision_compiled" if row.get("compiled_vision") else "vision_eager") + suffix)
+        if row["summary"].get("ok") and vision:
+            row["summary"]["vision_s_per_sample"] = vision["s_per_sample"]["median"]
+    pairs = [("old", "new"), ("prev", "new"), ("old", "new_card"), ("new_torch", "new"), ("stock_hf", "new"), ("stock_hf", "old"),
+             ("vision_eager", "vision_compiled")]
+    pairs += [(f"{case}@{mode}", case) for mode in modes[1:] for case in ("old", "prev", "new", "vision_eager", "vision_compiled", "llm_only")]
     add_ratios(results, pairs, "s_per_sample", "s/sample, same card and run")
     results["wall_s"] = time.perf_counter() - started
     (out / "train_bench.json").write_text(json.dumps(results, indent=2))
     p = results["provenance"]
     print(f"\n{card}  torch {p['versions']['torch']}  commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''}  "
           f"matmul {_fmt(results['matmul_tflops'], '.1f')} TFLOP/s  wall {results['wall_s']:.0f} s")
-    print(f"{'case':9} {'kernel':13} {'ckpt':>6} {'s/sample (min-max)':>22} {'fwd s':>7} {'bwd s':>7} {'rest s (min-max)':>21} "
+    print(f"{'case':20} {'kernel':13} {'ckpt':>6} {'s/sample (min-max)':>22} {'fwd s':>7} {'bwd s':>7} {'rest s (min-max)':>21} "
           f"{'vs peak':>7} {'vs mm':>6} {'peakGiB':>8} {'model GiB':>9} {'tok/smp':>8} {'lab/smp':>7}")
     for row in rows:
         s = row["summary"]
         if not row.get("ok"):
-            print(f"{row['name']:9} FAILED {row.get('error', '')[:120]}")
+            print(f"{row['name']:20} FAILED {row.get('error', '')[:120]}")
             continue
-        print(f"{row['name']:9} {row['kernel']:13} {row['checkpointed_layers']:>3}/{row['layers']:<2} {_fmt(s['s_per_sample']):>22} "
+        print(f"{row['name']:20} {row['kernel']:13} {row['checkpointed_layers']:>3}/{row['layers']:<2} {_fmt(s['s_per_sample']):>22} "
               f"{s['forward_s']['median']:7.3f} {s['backward_s']['median']:7.3f} {_fmt(s['rest_s']):>21} "
               f"{_fmt(s.get('mfu_vs_peak')):>7} {_fmt(s.get('mfu_vs_matmul')):>6} {s.get('peak_gib', float('nan')):8.1f} "
               f"{row.get('memory_model_gib', float('nan')):9.1f} {s['tokens_per_sample']:8.0f} {s['label_tokens_per_sample']:7.1f}")
@@ -271,7 +289,10 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
     for r in results.get("ratios", []):
         print(f"ratio {r['what']}: " + (f"not computed ({r['skipped']})" if "skipped" in r else
                                         f"{r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f}, n={r['n']})"))
-    return 0 if all(r.get("ok") for r in rows) else 1
+    for c in checks:
+        print(f"{c['name']}: " + (f"loss {c['loss']}, grad rms rel {c['grad_rms_rel']}" if "loss" in c else "") +
+              f" {'ok' if c.get('ok') else c.get('error')}")
+    return 0 if all(r.get("ok") for r in rows + checks) else 1
 
 
 def summarize_fwdbwd(row: dict, matmul: float | None, card: str | None) -> dict:
@@ -286,6 +307,10 @@ def summarize_fwdbwd(row: dict, matmul: float | None, card: str | None) -> dict:
         "s_per_sample": spread(per_sample), "samples_per_s_per_gpu": spread([1 / t for t in per_sample]),
         "step_s": spread(row["step_s"]), "forward_s": spread(row["forward_s"]), "backward_s": spread(row["backward_s"]),
         "rest_s": spread(row["rest_s"]), "optimizer_s": 0.0,  # no optimizer in this mode
+        "preprocess": row.get("preprocess"), "tokens_per_frame": row.get("tokens_per_frame"),
+        "recomputed_layers": row["checkpointed_layers"], "memory_budget_gib": 79.6 if row["name"].split("@")[0] in
+        ("prev", "new", "new_torch", "llm_only") else None, "compiled_vision": row.get("compiled_vision"),
+        "fused_kernels": row.get("fused_kernels"),
         "tokens_per_sample": row["tokens"] / n_samples, "label_tokens_per_sample": row["labels"] / n_samples,
         "tflop_model_per_sample": row["flop"]["model"] / n_samples / 1e12,
         "tflop_recompute_per_sample": row["flop"]["recompute"] / n_samples / 1e12, "loss_last": row["loss_last"],
@@ -312,6 +337,9 @@ def main() -> int:
                              "untimed (default 6: 5 timed, published with their range)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test of this script)")
     parser.add_argument("--cases", default="all", help="comma list of case names, or 'all'")
+    parser.add_argument("--preprocess", default="crop,pad", help="fwdbwd: frame preparations (spatial.preprocess); the "
+                        "first runs --cases, the others --cases-other, in this run (rows named case@mode)")
+    parser.add_argument("--cases-other", default="old,new,vision_compiled,llm_only", help="fwdbwd: cases for the other preprocess modes")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting cases after this many seconds (default: 330 for fwdbwd, 540 for zero2)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_train"))

@@ -147,3 +147,21 @@ def apply_fused_kernels(qwen: torch.nn.Module, ops=None) -> dict[str, int]:
     if counts != want:
         raise UserError(f"fused kernels patched {counts} modules, expected {want} for {layers} decoder layers")
     return counts
+
+
+def remove_fused_kernels(qwen: torch.nn.Module) -> int:
+    """Undo `apply_fused_kernels` (benchmarks switch one model between cases); returns the modules restored."""
+    restored = 0
+    for module in qwen.model.language_model.modules():
+        if "_fused" not in module.__dict__:
+            continue
+        del module._fused
+        module.__dict__.pop("forward", None)  # the class's own forward again
+        if type(module) is FusedRopeAttention:
+            module.__class__ = Qwen2_5_VLAttention
+        restored += 1
+    return restored
+
+
+def is_fused(qwen: torch.nn.Module) -> bool:
+    return any("_fused" in m.__dict__ for m in qwen.model.language_model.modules())
