@@ -8,7 +8,8 @@ and gradients, on the trainer's own packed batches (9 frames of 640x480 -> 644x6
 sample, per_device_batch 4), cases `old` (current kernels, full checkpointing, packing in the training
 process), `new` (flash-attn-4, selective checkpointing planned for 80 GiB cards under ZeRO-2 x 8,
 packing in DataLoader workers + prefetched copies), `new_card` (the plan for this card, no optimizer)
-and `stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing),
+`stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing) and
+`new_head` (`new` with the seed's action head: its cost, ratio new_head_over_new),
 plus a bf16 matmul ceiling and the ratios (bench/fwdbwd.py has the details):
 
     PYTHONPATH=src python3 bench/bench_train.py --out $OUT                    # one H200 (gpu extra installed)
@@ -237,7 +238,7 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
         results.setdefault("cases", []).append(row)
     by = {r["name"]: r["summary"] for r in rows if r.get("ok")}
     ratios = {}
-    for a, b in (("old", "new"), ("stock_hf", "new"), ("old", "new_card"), ("stock_hf", "old")):
+    for a, b in (("old", "new"), ("stock_hf", "new"), ("old", "new_card"), ("stock_hf", "old"), ("new_head", "new")):
         if a in by and b in by:
             ratios[f"{a}_over_{b}"] = by[a]["s_per_sample"] / by[b]["s_per_sample"]
     results["ratios_s_per_sample"] = ratios

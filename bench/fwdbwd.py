@@ -12,7 +12,9 @@ Cases (one model, reconfigured between cases, so every case runs the same weight
             card under ZeRO-2 on 8 GPUs, packing in workers (PackInWorker) + DeviceBatches prefetch;
   new_card  the same with the plan for this card without an optimizer (the recompute floor);
   stock_hf  transformers' own Qwen2.5-VL forward + loss (sdpa, stock vision attention; full logits),
-            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed.
+            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed;
+  new_head  `new` with the seed pipeline's action head (model.action_head) attached: its cost.
+The composed model's cases compute the loss terms (per-segment losses) as the trainer does.
 Per micro-batch: CUDA events around forward and backward (no sync inside the timed loop), one
 synchronise at the end; step_s is 0 (no optimizer), rest_s = wall - forward - backward.
 """
@@ -144,7 +146,7 @@ def janus_step(model, device, host_side: bool):
         model.zero_grad(set_to_none=True)
         if ev[0] is not None:
             ev[0].record()
-        loss = model(batch)
+        loss, _ = model(batch, terms=True)  # as the trainer calls it
         if ev[1] is not None:
             ev[1].record()
         loss.backward()
@@ -210,7 +212,11 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
         ("new", fast, plans["new"].checkpointed, "workers"),
         ("new_card", fast, plans["new_card"].checkpointed, "workers"),
         ("stock_hf", "sdpa", tuple(range(shape.layers)), "stock"),
+        ("new_head", fast, plans["new"].checkpointed, "workers"),
     ]
+    from vlnflow.model.objective import ActionHead
+
+    head = ActionHead(model.qwen.config.text_config.hidden_size).to(device, next(model.qwen.parameters()).dtype)
     out = []
     for name, kernel, ckpt, packing in cases:
         if wanted and name not in wanted:
@@ -226,6 +232,7 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
         if name in plans:
             row["plan"] = plans[name].describe()
             row["plan_estimate_gib"] = plans[name].estimate_gib.get("total")  # compare with the measured peak_gib
+        model.action_head = head if name == "new_head" else None
         try:
             if packing == "stock":
                 stock_configure(model)

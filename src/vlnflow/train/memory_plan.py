@@ -15,6 +15,12 @@ the MLP's gate, silu(gate), up and their product (4 x 2I), and the fp32 lse (4 h
 its input (2h); backward then re-materialises one layer at a time. The estimate is
 deliberately simple; `workspace_gib` covers the CUDA context, allocator slack, NCCL and
 the frozen vision tower's transient forward.
+
+The seed pipeline's action head (model.action_head) is part of the trainable parameters
+`ModelShape.of` counts: 1.84 M at hidden 3584, i.e. 2 B replicated + 16 B / G of states, 7 MB per
+rank on 8 GPUs. Its activations (one hidden state and 512-wide features per sample) and the loss
+terms (a detached gather over the label tokens, vlnflow.model.objective) are negligible next to a
+decoder layer's bytes per token, so they are not modelled.
 """
 
 from __future__ import annotations
