@@ -96,7 +96,10 @@ class Collator:
         counts = (grid.prod(-1) // (self.merge * self.merge)).tolist()
         prompt, answer = conversation(row, len(frames))
         input_ids, labels = tokenize_conversation(self.tokenizer, prompt, answer, counts)
-        segments = answer_segments(self.tokenizer, answer, [t for t in labels if t != IGNORE_INDEX])
+        try:
+            segments = answer_segments(self.tokenizer, answer, [t for t in labels if t != IGNORE_INDEX])
+        except ValueError as exc:
+            raise DatasetError(f"sample {sample_id!r}: {exc}", episode=row.get("episode_id")) from None
         return EncodedSample(sample_id, input_ids, labels, processed["pixel_values"], grid, segments, action_id(row, answer))
 
     def pack(self, samples: Sequence[EncodedSample], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:

@@ -140,6 +140,12 @@ def _build_action_head(model_cfg: Mapping[str, Any], qwen_config) -> ActionHead 
     """The seed's action head when model.action_head.enabled: from model.init_from's `action_head.*` when the
     directory has them, else a seeded fresh init (as the seed's from_pretrained inits a head the weights lack)."""
     if not (model_cfg.get("action_head") or {}).get("enabled"):
+        if model_cfg.get("init_from"):
+            from vlnflow.model.model_dir import ACTION_HEAD_PREFIX
+
+            if _init_dir(model_cfg).has(ACTION_HEAD_PREFIX):
+                log.info("model.init_from %s has an action head; model.action_head.enabled is false: it is not used",
+                         model_cfg["init_from"])
         return None
     hidden = qwen_config.text_config.hidden_size
     std = float(getattr(qwen_config.text_config, "initializer_range", None) or getattr(qwen_config, "initializer_range", 0.02))

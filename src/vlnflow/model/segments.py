@@ -65,7 +65,7 @@ def action_id(row: Mapping[str, Any], answer: str) -> int:
     with neither is an error naming it.
     """
     for value in (row.get("action"), parse_answer(answer)[0]):
-        if isinstance(value, str):
+        if isinstance(value, (str, int)):
             try:
                 return ACTIONS.index(canonical_action(value))
             except ValueError:
