@@ -9,7 +9,8 @@ sample, per_device_batch 4), cases `old` (current kernels, full checkpointing, p
 process), `new` (flash-attn-4, selective checkpointing planned for 80 GB cards under ZeRO-2 x 8,
 packing in DataLoader workers + prefetched copies), `new_torch` (the same on the current kernels, where
 flash-attn-4 runs), `new_card` (the plan for this card, no optimizer)
-and `stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing),
+`stock_hf` (transformers' own Qwen2.5-VL forward + loss, sdpa, padded batch, full checkpointing) and
+`new_head` (`new` with the seed's action head: its cost, ratio new_head / new),
 plus a bf16 matmul ceiling and the ratios (bench/fwdbwd.py has the details):
 
     PYTHONPATH=src python3 bench/bench_train.py --out $OUT                    # one H200 (gpu extra installed)
@@ -262,7 +263,7 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
         if row["summary"].get("ok") and vision:
             row["summary"]["vision_s_per_sample"] = vision["s_per_sample"]["median"]
     pairs = [("old", "new"), ("prev", "new"), ("old", "new_card"), ("new_torch", "new"), ("stock_hf", "new"), ("stock_hf", "old"),
-             ("vision_eager", "vision_compiled")]
+             ("vision_eager", "vision_compiled"), ("new_head", "new")]
     pairs += [(f"{case}@{mode}", case) for mode in modes[1:] for case in ("old", "prev", "new", "vision_eager", "vision_compiled", "llm_only")]
     add_ratios(results, pairs, "s_per_sample", "s/sample, same card and run")
     results["wall_s"] = time.perf_counter() - started

@@ -13,7 +13,9 @@ Cases (one model, reconfigured between cases, so every case runs the same weight
   new_torch the same with the current kernels (only where flash-attn-4 runs): its share, in one run;
   new_card  the same with the plan for this card without an optimizer (the recompute floor);
   stock_hf  transformers' own Qwen2.5-VL forward + loss (sdpa, stock vision attention; full logits),
-            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed.
+            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed;
+  new_head  `new` with the seed pipeline's action head (model.action_head) attached: its cost.
+The composed model's cases compute the loss terms (per-segment losses) as the trainer does.
 Per micro-batch: CUDA events at the step's start (before its batch is fetched), around forward and
 backward (no sync inside the timed loop), one synchronise at the end; on CPU the same marks by
 perf_counter. Every step keeps its own numbers: step_s (start to the next step's start), forward_s,
@@ -191,7 +193,7 @@ def janus_step(model, device, host_side: bool):
             work = BatchWork.of(batch)  # host lists and shapes only: no device read
         model.zero_grad(set_to_none=True)
         _mark(marks, 0)
-        loss = model(batch)
+        loss, _ = model(batch, terms=True)  # as the trainer calls it
         _mark(marks, 1)
         loss.backward()
         _mark(marks, 2)
@@ -344,7 +346,11 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
         *([("vision_compiled", fast, (), "vision", True, False)] if compiled else []),  # + V3
         ("llm_only", fast, plans["new"].checkpointed, "llm", compiled, fused),  # new without the tower's work
         ("stock_hf", "sdpa", every, "stock", False, False),
+        ("new_head", fast, plans["new"].checkpointed, "workers", compiled, fused),  # + the seed's action head
     ]
+    from vlnflow.model.objective import ActionHead
+
+    head = ActionHead(model.qwen.config.text_config.hidden_size).to(device, next(model.qwen.parameters()).dtype)
     out = []
     if wanted is None or "check_new_vs_prev" in wanted:
         out.append(check_new_vs_prev(model, dataset, batches[0], collator, device, fast, plans, compiled, fused, log))
@@ -360,10 +366,11 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
                "fused_kernels": fuse, "preprocess": geometry.mode, "tokens_per_frame": geometry.tokens_per_frame}
         if kernel == "torch" and name.startswith("new"):
             row["note"] = f"flash-attn-4 unavailable: {fa4.unavailable_reason(device)}"
-        plan = plans.get("new" if name in ("new_torch", "llm_only") else name)
+        plan = plans.get("new" if name in ("new_torch", "llm_only", "new_head") else name)
         if plan is not None:
             row["plan"] = plan.describe()
             row["plan_estimate_gib"] = plan.estimate_gib.get("total")
+        model.action_head = head if name == "new_head" else None
         try:
             if packing == "stock":
                 stock_configure(model)

@@ -139,7 +139,11 @@ def test_bench_smoke_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     cases = [r["case"] for r in report["rows"]]
     assert cases[:4] == ["matmul", "check", "stream_all", "stream_kept"]
-    assert cases.count("batched") == 2 and cases.count("indexed") == 1 and cases.count("batched_same_samples") == 1
+    # crop frames (the default first preparation) drive every row; pad repeats the check and the indexed row
+    assert cases.count("batched") == 2 and cases.count("indexed") == 2 and cases.count("batched_same_samples") == 1
+    assert report["preprocess"] == "crop" and report["input_hw"] == [42, 56] and report["grid"] == [3, 4]
+    pad = [r for r in report["rows"] if r.get("preprocess") == "pad"]
+    assert [r["case"] for r in pad] == ["check", "indexed"] and pad[0]["input_hw"] == [56, 56]
     prov = report["provenance"]
     assert prov["card"] == "cpu" and "bench_spatial.py" in prov["command"] and prov["commit_source"] in ("git", "env", "unknown")
     assert prov["repetitions"]["indexed eager/prefix/default/sdpa B=4"] == 1
@@ -147,7 +151,8 @@ def test_bench_smoke_on_cpu(tmp_path):
     # executed FLOPs: DINOv2 once per unique frame (4 steps of one episode: frames 0..3), not the per-sample minimum
     assert indexed["unique_images"] == 4 and indexed["tflop_executed_per_sample"] < report["tflop_min_per_sample"]
     assert indexed["mfu_vs_peak"] is None and indexed["mfu_vs_matmul"] > 0 and indexed["ms_per_sample_min"] <= indexed["ms_per_sample"]
-    assert [r["numerator"] for r in report["ratios"]] == ["batched_same_samples", "stream_all", "stream_kept"]
+    assert [r["numerator"] for r in report["ratios"]] == ["batched_same_samples", "stream_all", "stream_kept", "indexed"]
+    assert report["ratios"][-1]["what"] == "encode_indexed crop / pad frames, B=4"
     check = report["rows"][1]
     assert check["batched_vs_streaming"]["rms_rel"] < 1e-6 and check["indexed_vs_batched"]["rms_rel"] == 0.0
     assert all(r["ms_per_sample"] > 0 for r in report["rows"] if "ms_per_sample" in r)

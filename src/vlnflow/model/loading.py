@@ -21,6 +21,7 @@ from vlnflow import fa4
 from vlnflow.model import fused_kernels
 from vlnflow.config import ConfigError
 from vlnflow.model.janus import JanusModel
+from vlnflow.model.objective import ActionHead, Objective
 from vlnflow.model.packed_attention import use_packed_attention
 from vlnflow.model.spatial_merger import SpatialMerger
 from vlnflow.model.tiny import (
@@ -138,6 +139,9 @@ def build_model(
              model_cfg.get("attention", "auto"), model_cfg.get("fused_kernels", "auto"))
     merger = _build_merger(model_cfg, spatial_channels, qwen.config.text_config.hidden_size)
     merger.to(device=device or "cpu", dtype=dtype)
+    head = _build_action_head(model_cfg, qwen.config)
+    if head is not None:
+        head.to(device=device or "cpu", dtype=dtype)
     return JanusModel(
         qwen,
         merger,
@@ -145,6 +149,8 @@ def build_model(
         lam=float(model_cfg.get("lam", 0.2)),
         freeze_vision=bool(model_cfg.get("freeze_vision", True)),
         train_visual_merger=bool(model_cfg.get("train_visual_merger", False)),
+        action_head=head,
+        objective=Objective.from_model_config(model_cfg),
     )
 
 
@@ -156,6 +162,38 @@ def vision_compile(model_cfg: Mapping[str, Any], device) -> bool:
     if setting == "auto":
         return device is not None and torch.device(device).type == "cuda"
     return bool(setting)
+
+
+def _build_action_head(model_cfg: Mapping[str, Any], qwen_config) -> ActionHead | None:
+    """The seed's action head when model.action_head.enabled: from model.init_from's `action_head.*` when the
+    directory has them, else a seeded fresh init (as the seed's from_pretrained inits a head the weights lack)."""
+    if not (model_cfg.get("action_head") or {}).get("enabled"):
+        if model_cfg.get("init_from"):
+            from vlnflow.model.model_dir import ACTION_HEAD_PREFIX
+
+            if _init_dir(model_cfg).has(ACTION_HEAD_PREFIX):
+                log.info("model.init_from %s has an action head; model.action_head.enabled is false: it is not used",
+                         model_cfg["init_from"])
+        return None
+    hidden = qwen_config.text_config.hidden_size
+    std = float(getattr(qwen_config.text_config, "initializer_range", None) or getattr(qwen_config, "initializer_range", 0.02))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("seed", 0)) + 2)
+        head = ActionHead(hidden, std)
+    if model_cfg.get("init_from"):
+        from vlnflow.model.model_dir import action_head_state
+
+        model_dir = _init_dir(model_cfg)
+        state = action_head_state(model_dir)
+        if state is None:
+            log.warning("model.init_from %s has no action_head.* tensors: the action head starts from a fresh init",
+                        model_dir.path)
+            return head
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"config setting 'model.init_from': {model_dir.path} action head does not fit: {exc}") from exc
+    return head
 
 
 def attention_kernel(model_cfg: Mapping[str, Any], device, dtype: torch.dtype) -> str:

@@ -22,6 +22,12 @@ peaks measured by bench/bench_train.py (docs/results/train_*.json, torch's max_m
 per group (each DeepSpeed preset; no optimizer, the one-GPU forward+backward benchmark) the
 estimate is shifted by its smallest over-estimate on those peaks, so it meets or exceeds every
 one of them, and each plan states that shift and the remaining error next to its numbers.
+
+The seed pipeline's action head (model.action_head) is part of the trainable parameters
+`ModelShape.of` counts: 1.84 M at hidden 3584, i.e. 2 B replicated + 16 B / G of states, 7 MB per
+rank on 8 GPUs. Its activations (one hidden state and 512-wide features per sample) and the loss
+terms (a detached gather over the label tokens, vlnflow.model.objective) are negligible next to a
+decoder layer's bytes per token, so they are not modelled.
 """
 
 from __future__ import annotations

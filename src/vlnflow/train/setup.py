@@ -199,7 +199,11 @@ def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
     the rest of the vision tower lr.vision, everything else lr.llm; a rate of 0 freezes the group.
     With weight decay, each group splits in two: biases and nn.LayerNorm parameters get none (HF's
     rule, which JanusVLN uses: RMSNorm weights are decayed), the "<name>_no_decay" group.
+    The seed's action head (`action_head.*`) is in the llm group: the seed trains it at --learning_rate.
     """
+    if getattr(model, "action_head", None) is not None and lrs["llm"] <= 0:
+        raise UserError("model.action_head is enabled but train.lr.llm is 0: the head trains at the LLM's learning "
+                        "rate (the seed always trains it); give train.lr.llm a rate or turn the head off")
     no_decay = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     vision = {id(p) for p in model.visual.parameters()}
     groups: dict[str, list] = {}

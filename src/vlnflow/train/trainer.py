@@ -24,6 +24,7 @@ import torch
 from vlnflow.train import checkpoints
 from vlnflow.train.data import micro_batches
 from vlnflow.train.evaluate import evaluate
+from vlnflow.train.loss_terms import step_terms
 from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
 from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 from vlnflow.train.setup import TrainRun, build_run
@@ -49,10 +50,11 @@ class Progress:
 
 @dataclass
 class StepWindow:
-    """What one optimizer step's micro-steps add up: their losses, DataLoader wait, tokens, and the host-side
-    counts a FLOP count needs (label positions, sum of squared sample lengths, images; vlnflow.flops)."""
+    """What one optimizer step's micro-steps add up: their losses (and loss terms), DataLoader wait, tokens, and
+    the host-side counts a FLOP count needs (label positions, sum of squared sample lengths, images; vlnflow.flops)."""
 
     losses: list = field(default_factory=list)
+    terms: list = field(default_factory=list)  # vlnflow.model.objective.TERMS per micro-step
     wait: float = 0.0
     tokens: int = 0
     labels: int = 0
@@ -178,6 +180,7 @@ def next_micro_batch(run: TrainRun, batches: Iterator, progress: Progress, windo
     window.labels += batch["label_positions"].numel()  # shapes and host lists only: no device read
     window.tokens_sq += sum(n * n for n in batch.get("seq_lens") or ())
     window.images += len(batch["image_grid_thw"])
+    batch["optimizer_step"] = progress.step  # finished steps, the seed's global_step: the action head's weight ramp
     return batch
 
 
@@ -185,12 +188,13 @@ def micro_step(run: TrainRun, batch: dict, phases: PhaseTimer, window: StepWindo
     """Forward, backward and DeepSpeed's step (which only updates at the accumulation boundary)."""
     engine = run.engine
     with phases.measure("forward"):
-        loss = engine(batch)
+        loss, terms = engine(batch, terms=True)
     with phases.measure("backward"):  # includes ZeRO's gradient reduction hooks
         engine.backward(loss)
     with phases.measure("step"):  # optimizer step at the accumulation boundary, else bookkeeping
         engine.step()
     window.losses.append(loss.detach().float())
+    window.terms.append(terms)
 
 
 # ---- one optimizer step's bookkeeping -----------------------------------------------------------------
@@ -224,6 +228,7 @@ def finish_step(run: TrainRun, progress: Progress, window: StepWindow, phases: P
         "images": int(images),
         "cached_samples": int(cached),
         "live_samples": int(live),
+        **step_terms(window.terms, run.dist, run.device, run.engine.module.action_head is not None),
         "gpu_mem_gib": gpu_memory_gib(),
         "world_size": world,
         "rank": run.rank,
