@@ -14,7 +14,7 @@ Where the previous rows live. Snakemake deletes a job's declared outputs before 
 results/cache/<shard>.h5 is gone when its precompute job starts. After every successful job the
 finished file is therefore hard-linked to results/cache/.previous/<shard>.h5 (no extra disk: one
 inode, two names) and the row keys are written to results/cache/.previous/<shard>.keys.json with
-the file's identity (inode, size, mtime_ns). Deleting the output leaves the link; the next job of
+the file's identity (inode, size, created_at). Deleting the output leaves the link; the next job of
 that shard reads its reusable rows from the link and then replaces link and keys with its own.
 A keys file that does not describe the linked file (a crash between the two writes) means no reuse.
 
@@ -81,8 +81,12 @@ def row_keys(sample_ids: list[str], frames: list[list[str]], root: Path, encoder
 
 
 def _identity(path: Path) -> dict:
+    """Which file a keys file describes: inode, size and the file's own creation stamp. Not the mtime:
+    Snakemake touches finished outputs, and the link shares the output's inode."""
     st = os.stat(path)
-    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    with h5py.File(path, "r") as f:
+        created = str(f.attrs.get("created_at", ""))
+    return {"ino": st.st_ino, "size": st.st_size, "created_at": created}
 
 
 def forget(out_h5: str | Path) -> None:
@@ -112,7 +116,12 @@ class RowReuse:
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("previous rows of %s: unreadable %s (%s): recomputing every row", self.out_h5.name, keys_path, exc)
             return None
-        if stored.get("version") != KEYS_VERSION or stored.get("file") != _identity(link):
+        try:
+            identity = _identity(link)
+        except OSError as exc:
+            log.warning("previous rows of %s: cannot read %s (%s): recomputing every row", self.out_h5.name, link, exc)
+            return None
+        if stored.get("version") != KEYS_VERSION or stored.get("file") != identity:
             log.info("previous rows of %s: %s does not describe %s: recomputing every row", self.out_h5.name, keys_path, link)
             return None
         return link, stored["keys"]
