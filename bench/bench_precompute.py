@@ -7,7 +7,10 @@ process times `encode_indexed` alone on exactly the job's batches (frames alread
 pass first, synchronised per batch). Prints job samples/s (whole job, and its batch loop without model
 set-up) against the encoder alone, the ratio (issue 11's goal: loop >= 90 % of the encoder), the
 job's time split, the GPU its log names, and whether the job's HDF5 rows are bit-identical to the
-encoder's output for the same batches (a stream or copy bug would show here); writes all to --out as JSON.
+encoder's output for the same batches (a stream or copy bug would show here); writes all to --out as JSON
+with a provenance block (vlnflow.provenance). The encoder-alone batches are timed one by one (spread kept)
+and counted with vlnflow.flops as encode_indexed executes them (DINOv2 once per unique frame): TFLOP/s,
+mfu_vs_peak (datasheet dense bf16) and mfu_vs_matmul (the bf16 matmul measured in this run).
 
 GPU (one H200; snakemake and its deps importable, e.g. from carried wheels on PYTHONPATH):
     PYTHONPATH=src:$PYTHONPATH python3 bench/bench_precompute.py --out $OUT/bench_precompute.json
@@ -18,7 +21,6 @@ CPU smoke test (seconds of compute, a minute of Snakemake start-up):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -172,6 +174,11 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
             encoder.encode_indexed(images, index)
         sync()
         seconds, mismatched, max_diff = [], 0, 0.0
+        from vlnflow.flops import vggt_indexed
+
+        cfg_a, patch = encoder.model.config, encoder.model.config.patch_size
+        flop = sum(vggt_indexed(cfg_a, (images.shape[-2] // patch, images.shape[-1] // patch), index.shape[1], encoder.layer,
+                                samples=index.shape[0], unique_images=images.shape[0]) for images, index, *_ in batches)  # fmt: skip
         for images, index, _, h5, rows in batches:
             t = time.perf_counter()
             feats = encoder.encode_indexed(images, index)
@@ -185,12 +192,24 @@ def encoder_alone(wf: Path, config: dict, warmup_passes: int) -> dict:
                 mismatched += 1
                 diff = fmt.from_storage(ours, config["cache"]["dtype"]).float() - fmt.from_storage(stored, config["cache"]["dtype"]).float()
                 max_diff = max(max_diff, float(diff.abs().max()))
+    from vlnflow.timing import spread
+
     samples = sum(b[2] for b in batches)
     total = sum(seconds)
-    return {"samples": samples, "batches": len(batches), "seconds": total, "setup_s": setup_s,
+    return {"samples": samples, "batches": len(batches), "seconds": total, "setup_s": setup_s, "batch_s": spread(seconds) if seconds else None,
+            "tflop_executed": flop / 1e12,
             "identical_to_job": mismatched == 0, "mismatched_batches": mismatched, "max_abs_diff": max_diff,
             "samples_per_s": samples / total if total > 0 else 0.0, "ms_per_sample": 1000 * total / samples if samples else 0.0,
             "device": str(dev), "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}  # fmt: skip
+
+
+def rates(alone: dict, matmul: dict | None, card: str) -> dict:
+    """Executed TFLOP/s of the encoder alone over its batches, against the datasheet peak and this run's matmul."""
+    from vlnflow.flops import mfu
+
+    if not alone["seconds"]:
+        return {}
+    return mfu(alone["tflop_executed"] * 1e12, alone["seconds"], matmul_tflops=(matmul or {}).get("median"), device_name=card)
 
 
 def summarise(jobs: list[dict], alone: dict) -> dict:
@@ -239,25 +258,36 @@ def print_table(report: dict) -> None:
     print(f"job's cached features vs the encoder alone: {'bit-identical' if a['identical_to_job'] else 'DIFFERENT'} "
           f"({a['mismatched_batches']} of {a['batches']} batches differ, max abs diff {a['max_abs_diff']:.3g})")
     print(f"goal (issue 11): last job's batch loop >= 0.90 x encoder alone: {s['ratio_last_job_loop']:.2f} -> {'met' if ok else 'NOT met'}")
+    if a.get("tflops_per_s_per_gpu") is not None:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"encoder alone executes {a['tflop_executed'] / a['samples']:.2f} TFLOP per sample (DINOv2 once per unique frame): "
+              f"{a['tflops_per_s_per_gpu']:.1f} TFLOP/s, mfu_vs_peak {fmt(a.get('mfu_vs_peak'))}, mfu_vs_matmul {fmt(a.get('mfu_vs_matmul'))}")
+    p = report["provenance"]
+    print(f"commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''} ({p['commit_source']}), {p['card']}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     if args.work and work.exists() and any(work.iterdir()):
         raise SystemExit(f"--work {work} is not empty")
+    from vlnflow.provenance import provenance
+    from vlnflow.timing import matmul_tflops
+
     try:
         wf, config = make_workflow(args, work)
         snake = run_snakemake(wf)
         jobs = job_results(wf)
         alone = encoder_alone(wf, config, args.warmup_passes)
+        device = "cuda" if alone["device"].startswith("cuda") else None
+        prov = provenance({"jobs": len(jobs), "encoder_alone_batches": alone["batches"]},
+                          argv=sys.argv if argv is None else ["bench/bench_precompute.py", *argv], device=device)  # fmt: skip
+        matmul = matmul_tflops(device)
         report = {
-            "bench": "precompute", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "argv": sys.argv[1:] if argv is None else list(argv), "config": overrides(args, "data/demo/episodes"),
-            "snakemake": snake, "jobs": jobs, "encoder_alone": alone, "summary": summarise(jobs, alone),
+            "bench": "precompute", "provenance": prov, "host": platform.node(),
+            "config": overrides(args, "data/demo/episodes"), "matmul_tflops": matmul,
+            "snakemake": snake, "jobs": jobs, "encoder_alone": {**alone, **rates(alone, matmul, prov["card"])},
+            "summary": summarise(jobs, alone),
         }  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -177,38 +176,6 @@ def case_janus(dev, args) -> dict:
 CASES = {"llm_varlen": case_llm, "vision_tower": case_vision, "vggt_encoder": case_vggt, "janus_tiny": case_janus}
 
 
-def provenance(argv: list[str]) -> dict:
-    """Commit (VLNFLOW_COMMIT / VLNFLOW_DIRTY when set, else git), card and versions."""
-    info = {"command": " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__}
-    if os.environ.get("VLNFLOW_COMMIT"):  # set by whoever copied the tree (a copy's .git can be stale)
-        info.update(commit=os.environ["VLNFLOW_COMMIT"], dirty=os.environ.get("VLNFLOW_DIRTY"), commit_source="environment")
-    else:
-        info.update(_git_commit())
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    info["card"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
-    info["flash_attn_4"] = fa4.unavailable_reason(torch.device(DEVICE)) or "usable"
-    return info
-
-
-def _git_commit() -> dict:
-    info = {}
-    try:
-        root = Path(__file__).resolve().parents[1]
-        info["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,
-                                            text=True, check=True).stdout.strip())
-        info["commit_source"] = "git"
-    except (OSError, subprocess.CalledProcessError):
-        info.update(commit=None, dirty=None, commit_source="unknown: no git and no VLNFLOW_COMMIT")
-    return info
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of cases (default all)")
@@ -223,7 +190,11 @@ def main() -> int:
     if args.cpu_smoke:
         SCALE, DEVICE = 16, "cpu"
     dev = torch.device(DEVICE)
-    report = {**provenance(sys.argv), "factor": args.factor, "floor": args.floor, "rows": []}
+    from vlnflow.provenance import provenance
+
+    block = provenance({"per_case": 1}, device=dev)
+    report = {**block, "provenance": block, "flash_attn_4": fa4.unavailable_reason(dev) or "usable",
+              "factor": args.factor, "floor": args.floor, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -241,7 +212,7 @@ def main() -> int:
         (out / "check_default_kernels.json").write_text(json.dumps(report, indent=1))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n## default kernels on {report['card']} (commit {report['commit']}, torch {report['torch']})")
+    print(f"\n## default kernels on {report['card']} (commit {report['commit']}, torch {report['versions']['torch']})")
     for r in report["rows"]:
         if "error" in r:
             print(f"{r['case']:13} ERROR {r['error'][:150]}")

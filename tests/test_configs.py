@@ -50,6 +50,7 @@ JANUSVLN_FLAGS = {
     "--bf16": ("train.bf16", True),
     "--reference_frame first": ("spatial.reference_frame", "first"),
     "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+    "no action head (upstream's model has none)": ("model.action_head.enabled", False),
 }
 
 
@@ -93,6 +94,14 @@ SEED_FLAGS = {
     "SAVE_TOTAL_LIMIT=4": ("train.keep_last", 4),
     "reference_frame default last": ("spatial.reference_frame", "last"),
     "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+    "action_head always built and trained": ("model.action_head.enabled", True),
+    "DISTILL_LOSS_WEIGHT=1.0": ("model.action_head.loss_weight", 1.0),
+    "DISTILL_LOSS_WEIGHT_END unset": ("model.action_head.loss_weight_end", None),
+    "DISTILL_LOSS_WEIGHT_WARMUP_STEPS=0": ("model.action_head.loss_weight_warmup_steps", 0),
+    "subinstruction_weight default 1.0": ("model.segment_weights.subinstruction", 1.0),
+    "desc2d_weight default 1.0": ("model.segment_weights.description_2d", 1.0),
+    "desc3d_weight default 1.0": ("model.segment_weights.description_3d", 1.0),
+    "action_weight default 1.0": ("model.segment_weights.action", 1.0),
 }
 
 # What each preset's samples and frames are: (spatial.preprocess, history.pad, reference frame, prompt style).

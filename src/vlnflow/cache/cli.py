@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     est.add_argument("--runs", type=int, default=1, help="training runs over the same data, e.g. a sweep (default 1)")
     est.add_argument("--gpus", type=int, help="GPUs for training and precompute (default: cluster.nodes x gpus_per_node)")
     est.add_argument("--results", default="results", help="where this workspace's measurements live (default: results)")
-    est.add_argument("--docs-rates", action="store_true", help="ignore this workspace's measurements, use docs/benchmarks.md's")
+    est.add_argument("--docs-rates", action="store_true", help="ignore this workspace's measurements, use the committed docs/results rates")
     est.set_defaults(func=run_estimate)
 
 
