@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlnflow.cache.reuse import RowReuse, reusable_rows_enabled
 from vlnflow.cache.writer import ShardWriter
 from vlnflow.errors import DatasetError
 
@@ -236,6 +237,9 @@ def precompute_shard(
     frames = [list(f) for f in table.frames]
     encoder = encoder or SpatialEncoder.from_config(config["spatial"])
     cache_cfg = config["cache"]
+    reuse = None
+    if reusable_rows_enabled(config):  # rows of unchanged samples come from the shard's previous file
+        reuse = RowReuse(out_h5, sample_ids, frames, config["dataset"]["root"], encoder.fingerprint())
     writer = ShardWriter(
         out_h5,
         partial_h5,
@@ -249,6 +253,7 @@ def precompute_shard(
         layer=config["spatial"]["layer"],
     )
     with writer:
+        n_reused = reuse.fill(writer) if reuse else 0
         pending = writer.pending
         batches = make_batches(pending, [len(f) for f in frames], config["spatial"]["batch_size"])
         dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, encoder.geometry)
@@ -294,12 +299,15 @@ def precompute_shard(
                 bar.close()
         loop_s = time.perf_counter() - loop_started
         writer.finalize()
+    if reuse:
+        reuse.remember()
     wall = time.perf_counter() - started
     stats = {
         "shard": Path(out_h5).stem,
         "samples": len(sample_ids),
         "computed": n_done,
-        "resumed": len(sample_ids) - len(pending),
+        "resumed": len(sample_ids) - len(pending) - n_reused,  # done in the partial file of a killed job
+        "reused": n_reused,  # copied from the shard's previous file (unchanged samples)
         "skipped": n_skipped,
         "frames": int(sum(len(frames[r]) for b in batches for r in b)),
         "wall_s": wall,

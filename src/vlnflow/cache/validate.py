@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from vlnflow.cache import format as fmt
+from vlnflow.cache import reuse
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def validate_shard(
 
     `expected` holds encoder_fingerprint, shard_fingerprint, dtype and feature_shape.
     A file that cannot be read (truncated, corrupt chunk) is moved to `quarantine_dir`
-    so that the next `snakemake precompute_all` rebuilds this shard alone.
+    so that the next `snakemake precompute_all` rebuilds this shard alone; a file with any
+    problem is also dropped as the shard's previous rows (vlnflow.cache.reuse), so the
+    rebuild computes every row.
     """
     h5_path, table = Path(h5_path), pd.read_parquet(shard_parquet)
     report = {"shard": h5_path.stem, "file": str(h5_path), "samples": len(table), "problems": []}
@@ -178,6 +181,8 @@ def validate_shard(
             moved = _quarantine(h5_path, Path(quarantine_dir))
             report["quarantined"] = str(moved)
             problems.append(f"moved to {moved}; the next run rebuilds this shard")
+    if problems:  # never copy rows of a file that failed validation into the shard's rebuild
+        reuse.forget(h5_path)
     report["ok"] = not problems
     return report
 

@@ -42,6 +42,7 @@ class ReportInputs:
     samples: list[str] = field(default_factory=list)
     precompute_stats: list[str] = field(default_factory=list)
     manifest_json: list[str] = field(default_factory=list)
+    shard_list: list[str] = field(default_factory=list)  # results/shards/shards.json: samples per source
     train_metrics: list[str] = field(default_factory=list)
     live_metrics: list[str] = field(default_factory=list)
 
@@ -144,6 +145,25 @@ def projection(table: pd.DataFrame, runs: dict[str, pd.DataFrame], samples: int,
     out["gpus"] = gpus
     out["projected_s"] = samples / (out["samples_per_s_per_gpu"] * gpus)
     return out
+
+
+def per_source_markdown(inputs: ReportInputs) -> str:
+    """Samples, shards, cache bytes and computed vs reused rows per data source (vlnflow.cache.per_source)."""
+    from vlnflow.cache import per_source
+
+    shard_list = _one(inputs.shard_list, "shard list")
+    if shard_list is None:
+        return ""
+    table = per_source.source_table(
+        per_source.shard_samples_from_list(shard_list), _one(inputs.manifest_json, "cache manifest"), inputs.precompute_stats
+    )
+    return (
+        "\n## Per data source\n\n"
+        + per_source.markdown(table)
+        + "\n\nSamples and shards from the shard list, cache bytes from the manifest; computed / reused / resumed "
+        "rows are those of each shard's last precompute job (reused = copied from the shard's previous file, "
+        "cache.reuse; resumed = from a killed job's partial file).\n"
+    )
 
 
 def machine() -> dict[str, object]:
@@ -268,6 +288,7 @@ def write_report(
         raise UserError("no sample index and no benchmark.projected_samples: nothing to project to")
     proj = projection(table, runs, samples, gpus)
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
+    text += per_source_markdown(inputs)
     text += per_gpu_markdown(inputs.precompute_stats)
     run_dirs = {kind: Path(paths[0]).parent for kind, paths in (("cached", inputs.train_metrics), ("live", inputs.live_metrics)) if paths}
     text += cache_decision_markdown(table, runs, samples, gpus, source, config=config, manifest_json=_one(inputs.manifest_json, "cache manifest"),
