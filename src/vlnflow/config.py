@@ -34,7 +34,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config setting '{where}': {error.message}")
     from vlnflow.data.sources import config_problem
 
-    problem = config_problem(config)  # what a schema cannot say: unique source names, settings that exclude each other
+    from vlnflow.cache.vision_fingerprint import config_problem as vision_problem
+
+    problem = config_problem(config) or vision_problem(config)  # what a schema cannot say: unique source names, settings that exclude each other
     if problem is not None:
         raise ConfigError(f"config setting '{problem[0]}': {problem[1]}")
     return config
