@@ -149,21 +149,20 @@ def test_training_refuses_another_fingerprint_or_tower(job):
         VisionSource(work / "nowhere.json", expected_fingerprint="x", tower_digest="y")
 
 
-def test_training_builds_the_source_only_with_cache_vision_and_a_frozen_tower(job):
+def test_training_builds_the_source_only_with_cache_vision_and_the_same_frozen_tower(job):
     work, config, _, _, _, manifest = job
     from vlnflow.model.loading import build_model
 
     model = build_model(resolve_model_config(config), 4, (2, 4))
     config = {**config, "train": {**config["train"], "vision_cache": str(work / "vision" / "manifest.json")}}
-    assert build_vision_source(config, model, use_cache=False) is None  # a live run reads no cache
-    assert build_vision_source({**config, "cache": {**config["cache"], "vision": False}}, model, True) is None
-    assert build_vision_source(config, model, True).store.dtype == "float32"
+    assert build_vision_source({**config, "cache": {**config["cache"], "vision": False}}, model) is None
+    assert build_vision_source(config, model).store.dtype == "float32"
     assert tower_digest(model.visual) == manifest["tower_digest"]  # training builds the tower the job built
     with pytest.raises(ConfigError, match="vision blocks train"):
-        build_vision_source({**config, "train": {**config["train"], "lr": {**config["train"]["lr"], "vision": 1e-5}}}, model, True)
+        build_vision_source({**config, "train": {**config["train"], "lr": {**config["train"]["lr"], "vision": 1e-5}}}, model)
     other = build_model({**resolve_model_config(config), "seed": 7}, 4, (2, 4))  # same settings but the seed: refused
     with pytest.raises(UserError):
-        build_vision_source(config, other, True)
+        build_vision_source(config, other)
 
 
 def test_settings_that_exclude_each_other_fail_at_parse_time():

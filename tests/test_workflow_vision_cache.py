@@ -53,3 +53,20 @@ def test_vision_cache_follows_qwen_settings_only(wf):
     assert qwen_changed.count("precompute_vision_shard") == 2 and "validate_vision_cache" in qwen_changed
     without = dry("precompute_all", cache={"vision": False}, model={"seed": 1})
     assert "precompute_shard" in without and not any("vision" in rule for rule in without)
+
+
+@pytest.mark.slow
+def test_training_reads_the_vision_cache_and_counts_its_frames(wf):
+    text = (wf.path / "config.yaml").read_text()
+    try:  # VGGT live (no VGGT cache to build): the run waits for the vision cache only
+        wf.configure({"train": {"cache": None, "max_steps": 2, "save_every": 2}})
+        planned = [rule for rule, _ in jobs(wf.snakemake("-n", "train"))]
+        assert planned == ["train"], planned
+        wf.snakemake("train", cores=2)
+    finally:
+        (wf.path / "config.yaml").write_text(text)
+    run = wf.path / "results" / "train" / "demo"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    assert all(m["vision_cached_frames"] == m["images"] > 0 and m["vision_live_frames"] == 0 for m in metrics), metrics
+    assert "vision cache enabled: results/cache/vision/manifest.json" in (run / "train.log").read_text()

@@ -38,9 +38,10 @@ PROCESSOR_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", 
 _VISUAL = re.compile(r"^(?:model\.)?visual\.(?!merger\.)")
 
 
-def enabled(config: Mapping[str, Any], use_cache: bool = True) -> bool:
-    """Whether this run builds (precompute_all) and reads (train) the vision cache: cache.vision, and not a live run."""
-    return bool(use_cache and config["cache"].get("vision"))
+def enabled(config: Mapping[str, Any]) -> bool:
+    """Whether precompute_all builds and training reads the vision cache: cache.vision. Independent of the VGGT
+    cache (train.cache: null, or the train_live comparison run, computes VGGT live and still reads the rows)."""
+    return bool(config["cache"].get("vision"))
 
 
 def config_problem(config: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -78,7 +78,7 @@ def build_run(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_
     samples, held_out = read_samples(tcfg["samples"], config["dataset"]["val_fraction"])
     world = dist.get_world_size()
     source, collator, model = build_model(config, device, use_cache, world)
-    vision = build_vision_source(config, model, use_cache)  # before the engine: the tower's digest from whole weights
+    vision = build_vision_source(config, model)  # before the engine: the tower's digest from whole weights
     per_epoch = steps_per_epoch(len(samples), tcfg, world)
     total = max_steps or tcfg["max_steps"] or per_epoch * tcfg["epochs"]
     engine = build_engine(model, tcfg, world, device, total)
@@ -129,7 +129,7 @@ def init_distributed(config: dict, run_dir: Path, use_cache: bool):
         dist_check.verify_world(dist)
         if use_cache and tcfg["cache"] is not None:
             dist_check.verify_manifest(tcfg["cache"], dist)
-        if vision_enabled(config, use_cache):
+        if vision_enabled(config):
             dist_check.verify_manifest(tcfg["vision_cache"], dist)
     return device, dist
 

@@ -59,9 +59,9 @@ class VisionSource:
         return out
 
 
-def build_vision_source(config: dict, model, use_cache: bool) -> VisionSource | None:
-    """The run's VisionSource when cache.vision is on (and this is not a live run), else None (tower live)."""
-    if not enabled(config, use_cache):
+def build_vision_source(config: dict, model) -> VisionSource | None:
+    """The run's VisionSource when cache.vision is on (whether VGGT is cached or live), else None (tower live)."""
+    if not enabled(config):
         log.info("[INFO] vision cache disabled: Qwen's vision tower runs for every frame")
         return None
     tcfg = config["train"]
