@@ -196,3 +196,17 @@ def test_estimate_gives_the_sizes_and_read_rate(job):
     small = vision_estimate(job[1], 3, index=work / "samples.parquet")
     assert (small.frames, small.frames_per_sample) == (5, 7 / 3)
     assert any("36.0 MB" in line for line in crop.lines())
+
+
+def test_report_section_says_what_was_built_and_how_fast(job, tmp_path):
+    import json
+
+    from vlnflow.cache.vision_estimate import report_markdown
+
+    work, config, _, _, stats, _ = job
+    (tmp_path / "s.stats.json").write_text(json.dumps(stats))
+    text = report_markdown(config, 3, index=str(work / "samples.parquet"), manifest_json=str(work / "vision" / "manifest.json"),
+                           stats_files=[str(tmp_path / "s.stats.json")])
+    assert "## Per-frame vision cache" in text and "frames           5 (distinct frames" in text
+    assert "built            5 frames in 1 files" in text and "frames/s per GPU (5 frames in" in text
+    assert "read rate" in text  # at the committed docs/results training rate (no run here)

@@ -72,7 +72,8 @@ def image_embeddings(visual: nn.Module, pixel_values: torch.Tensor, image_grid_t
     live = (~cached).nonzero().squeeze(1).tolist()
     hits = iter(torch.split(rows, [per_image[i] for i in cached.nonzero().squeeze(1).tolist()]))
     computed = iter(tower_rows(visual, pixel_values, grid[live], vision) if live else [])
-    parts = [next(hits) if hit else next(computed).to(rows.dtype) for hit in cached.tolist()]
+    dtype = visual.merger.ln_q.weight.dtype  # what the merger computes in (a bf16 cache of an fp32 CPU tower: upcast)
+    parts = [(next(hits) if hit else next(computed)).to(dtype) for hit in cached.tolist()]
     return merge_rows(visual, torch.cat(parts, dim=0))
 
 
