@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from vlnflow.cache.vision_fingerprint import enabled as vision_enabled
 from vlnflow.errors import UserError
 from vlnflow.train import dist_check
 from vlnflow.train.data import TrainSamples
@@ -24,7 +25,6 @@ from vlnflow.train.deepspeed_config import build_ds_config
 from vlnflow.train.memory_plan import plan_for_run
 from vlnflow.train.spatial_source import SpatialSource
 from vlnflow.train.vision_source import build_vision_source
-from vlnflow.cache.vision_fingerprint import enabled as vision_enabled
 
 log = logging.getLogger("vlnflow.train")
 
