@@ -260,10 +260,10 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
     for row in rows:  # each case's vision tower share: the tower-alone row of its frames and compile setting
         suffix = "@" + row["name"].split("@")[1] if "@" in row["name"] else ""
         vision = by_name.get(("vision_compiled" if row.get("compiled_vision") else "vision_eager") + suffix)
-        if row["summary"].get("ok") and vision:
+        if row["summary"].get("ok") and vision and not row.get("vision_cache"):
             row["summary"]["vision_s_per_sample"] = vision["s_per_sample"]["median"]
     pairs = [("old", "new"), ("prev", "new"), ("old", "new_card"), ("new_torch", "new"), ("stock_hf", "new"), ("stock_hf", "old"),
-             ("vision_eager", "vision_compiled"), ("new_head", "new")]
+             ("vision_eager", "vision_compiled"), ("new_head", "new"), ("new", "new_vision_cache")]
     pairs += [(f"{case}@{mode}", case) for mode in modes[1:] for case in ("old", "prev", "new", "vision_eager", "vision_compiled", "llm_only")]
     add_ratios(results, pairs, "s_per_sample", "s/sample, same card and run")
     results["wall_s"] = time.perf_counter() - started
@@ -287,11 +287,14 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
             print(f"plan {row['name']}: {row['plan']}")
         if row.get("note"):
             print(f"note {row['name']}: {row['note']}")
+        if row.get("bytes_per_sample_read"):
+            print(f"read {row['name']}: {row['bytes_per_sample_read'] / 1e6:.1f} MB of vision rows per sample")
     for r in results.get("ratios", []):
         print(f"ratio {r['what']}: " + (f"not computed ({r['skipped']})" if "skipped" in r else
                                         f"{r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f}, n={r['n']})"))
     for c in checks:
         print(f"{c['name']}: " + (f"loss {c['loss']}, grad rms rel {c['grad_rms_rel']}" if "loss" in c else "") +
+              (f"together {c['together']}, alone {c['alone']}, rows identical {c['rows_identical']}" if "together" in c else "") +
               f" {'ok' if c.get('ok') else c.get('error')}")
     return 0 if all(r.get("ok") for r in rows + checks) else 1
 
@@ -310,12 +313,15 @@ def summarize_fwdbwd(row: dict, matmul: float | None, card: str | None) -> dict:
         "rest_s": spread(row["rest_s"]), "optimizer_s": 0.0,  # no optimizer in this mode
         "preprocess": row.get("preprocess"), "tokens_per_frame": row.get("tokens_per_frame"),
         "recomputed_layers": row["checkpointed_layers"], "memory_budget_gib": 79.6 if row["name"].split("@")[0] in
-        ("prev", "new", "new_torch", "llm_only") else None, "compiled_vision": row.get("compiled_vision"),
+        ("prev", "new", "new_torch", "llm_only", "new_vision_cache") else None, "compiled_vision": row.get("compiled_vision"),
         "fused_kernels": row.get("fused_kernels"),
         "tokens_per_sample": row["tokens"] / n_samples, "label_tokens_per_sample": row["labels"] / n_samples,
         "tflop_model_per_sample": row["flop"]["model"] / n_samples / 1e12,
         "tflop_recompute_per_sample": row["flop"]["recompute"] / n_samples / 1e12, "loss_last": row["loss_last"],
     }
+    if row.get("vision_cache"):  # the per-frame vision cache: the tower's blocks do not run, the rows are read
+        out["vision_s_per_sample"] = 0.0
+        out["bytes_per_sample_read"] = row["bytes_per_sample_read"]
     if "peak_gib" in row:
         out["peak_gib"] = row["peak_gib"]
         out["fits_80gb_card"] = row["peak_gib"] <= 79.6

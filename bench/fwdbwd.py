@@ -14,7 +14,12 @@ Cases (one model, reconfigured between cases, so every case runs the same weight
   new_card  the same with the plan for this card without an optimizer (the recompute floor);
   stock_hf  transformers' own Qwen2.5-VL forward + loss (sdpa, stock vision attention; full logits),
             the micro-batch's samples padded to one [B, T] batch, every layer checkpointed;
-  new_head  `new` with the seed pipeline's action head (model.action_head) attached: its cost.
+  new_head  `new` with the seed pipeline's action head (model.action_head) attached: its cost;
+  new_vision_cache  `new` with the per-frame vision cache (cache.vision): every sample's frames carry cached
+            tower rows (`RandomVisionRows`: random values of the real shape, as RandomFeatures), so the tower's
+            blocks do not run, only visual.merger; `bytes_per_sample_read` = the rows a sample reads.
+check_vision_cache: on one real batch, loss and gradients with the tower's own rows (computed in the same call
+shape: bit for bit expected) and with rows computed frame by frame (as the precompute job's batches) vs live.
 The composed model's cases compute the loss terms (per-segment losses) as the trainer does.
 Per micro-batch: CUDA events at the step's start (before its batch is fetched), around forward and
 backward (no sync inside the timed loop), one synchronise at the end; on CPU the same marks by
@@ -36,7 +41,7 @@ import torch
 
 from vlnflow import fa4
 from vlnflow.model import fused_kernels
-from vlnflow.flops import BatchWork, step_counter
+from vlnflow.flops import BatchWork, step_counter, vision_forward
 from vlnflow.model.host_prep import to_device
 from vlnflow.train.data import TrainSamples, keep_items
 from vlnflow.train.memory_plan import CARD_GIB, GIB, ModelShape, calibration_for, checkpoint_plan, model_gib, tokens_per_sample
@@ -55,6 +60,18 @@ class RandomFeatures:
 
     def encode_live(self, frames):  # never called: every sample is "cached"
         raise AssertionError("RandomFeatures has every sample")
+
+
+class RandomVisionRows:
+    """VisionSource stand-in: [P, C] bf16 rows per frame (the vision cache's shape), from a small pool of random maps
+    (their values do not change the work; a pool keeps the workers from spending the step drawing numbers)."""
+
+    def __init__(self, tokens: int, channels: int, pool: int = 8):
+        gen = torch.Generator().manual_seed(0)
+        self.pool = [torch.randn(tokens, channels, generator=gen).to(torch.bfloat16) for _ in range(pool)]
+
+    def rows(self, frames):
+        return [self.pool[int.from_bytes(str(f).encode()[-4:], "little") % len(self.pool)].clone() for f in frames]
 
 
 def loader(dataset, batches, collate, workers, device):
@@ -243,7 +260,56 @@ def llm_only_step(model, device, host_side: bool = False):
 FLOP_OF = {  # which part of vlnflow.flops.training_step a case's packing times
     "main": lambda f: f["model"], "workers": lambda f: f["model"], "stock": lambda f: f["model"],
     "vision": lambda f: f["vision"], "llm": lambda f: f["model"] - f["vision"],
+    "vision_cache": lambda f: f["model"] - f["vision"] + f["vision_merger"],  # the tower's blocks skipped, its merger runs
 }
+
+
+def check_vision_cache(model, dataset, indices, collator, device, log) -> dict:
+    """Loss and gradients with cached vision rows against the live tower on one real batch (the `new` path's
+    settings, as configured last): rows from the tower in the batch's own call shape (the same kernels: bit for
+    bit expected) and rows computed one frame per call (as a precompute batch differs: kernels may differ)."""
+    from vlnflow.model.host_prep import add_host_metadata
+    from vlnflow.model.vision_rows import tower_rows
+
+    row = {"name": "check_vision_cache"}
+    try:
+        items = [dataset[i] for i in indices]
+        live = add_host_metadata(collator.pack([i.encoded for i in items], [i.features for i in items]), model.qwen.config)
+        live = to_device(live, device)
+        pv, grid = live["pixel_values"], live["image_grid_thw"]
+        with torch.no_grad():
+            together = torch.cat(tower_rows(model.visual, pv, grid, live.get("vision")))
+            offsets = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
+            alone = torch.cat([tower_rows(model.visual, pv[a:b], grid[k : k + 1])[0] for k, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))])
+        names = ("merger.mlp.0.weight", "qwen.model.language_model.layers.0.mlp.up_proj.weight", "qwen.model.language_model.norm.weight")
+        params = dict(model.named_parameters())
+        got = {}
+        for case, rows in (("live", None), ("together", together), ("alone", alone)):
+            batch = dict(live)
+            if rows is not None:
+                batch.update(vision_cached=torch.ones(len(grid), dtype=torch.bool), vision_rows=rows,  # as a cache in the tower dtype stores them
+                             pixel_values=pv[:0], vision=None)
+            model.zero_grad(set_to_none=True)
+            loss = model(batch)
+            loss.backward()
+            got[case] = (loss.detach().float(), {n: params[n].grad.detach().float().clone() for n in names if n in params})
+        ref_loss, ref = got["live"]
+        row["rows_identical"] = bool(torch.equal(together, alone))
+        row["rows_rel_err"] = float((alone.float() - together.float()).norm() / together.float().norm())
+        for case in ("together", "alone"):
+            loss, grads = got[case]
+            row[case] = {"loss_abs_diff": float((loss - ref_loss).abs()), "loss_identical": bool(torch.equal(loss, ref_loss)),
+                         "grad_rms_rel": {n: float((grads[n] - ref[n]).norm() / ref[n].norm()) for n in ref}}
+        row["loss_live"] = float(ref_loss)
+        row["ok"] = row["together"]["loss_abs_diff"] <= 5e-2 * abs(float(ref_loss)) and all(
+            v <= 5e-2 for c in ("together", "alone") for v in row[c]["grad_rms_rel"].values())
+        if not row["ok"]:
+            row["error"] = "cached vision rows differ from the live tower beyond bf16 rounding"
+    except Exception as exc:
+        row.update({"ok": False, "error": repr(exc)[:500], "trace": traceback.format_exc(limit=5)})
+    model.zero_grad(set_to_none=True)
+    log(f"check_vision_cache: {row.get('together')} {row.get('alone')} {'ok' if row.get('ok') else row.get('error')}")
+    return row
 
 
 def check_new_vs_prev(model, dataset, indices, collator, device, fast, plans, compiled, fused, log) -> dict:
@@ -347,13 +413,18 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
         ("llm_only", fast, plans["new"].checkpointed, "llm", compiled, fused),  # new without the tower's work
         ("stock_hf", "sdpa", every, "stock", False, False),
         ("new_head", fast, plans["new"].checkpointed, "workers", compiled, fused),  # + the seed's action head
+        ("new_vision_cache", fast, plans["new"].checkpointed, "vision_cache", compiled, fused),  # cache.vision: no tower blocks
     ]
+    rows_per_frame = (geometry.feature_tokens, model.visual.config.hidden_size)
+    vision_dataset = TrainSamples(samples, collator, source, cfg["dataset"]["root"], vision=RandomVisionRows(*rows_per_frame))
     from vlnflow.model.objective import ActionHead
 
     head = ActionHead(model.qwen.config.text_config.hidden_size).to(device, next(model.qwen.parameters()).dtype)
     out = []
     if wanted is None or "check_new_vs_prev" in wanted:
         out.append(check_new_vs_prev(model, dataset, batches[0], collator, device, fast, plans, compiled, fused, log))
+    if wanted is None or "check_vision_cache" in wanted:
+        out.append(check_vision_cache(model, dataset, batches[0], collator, device, log))
     for name, kernel, ckpt, packing, compile_blocks, fuse in cases:
         if wanted and name not in wanted:
             continue
@@ -366,7 +437,7 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
                "fused_kernels": fuse, "preprocess": geometry.mode, "tokens_per_frame": geometry.tokens_per_frame}
         if kernel == "torch" and name.startswith("new"):
             row["note"] = f"flash-attn-4 unavailable: {fa4.unavailable_reason(device)}"
-        plan = plans.get("new" if name in ("new_torch", "llm_only", "new_head") else name)
+        plan = plans.get("new" if name in ("new_torch", "llm_only", "new_head", "new_vision_cache") else name)
         if plan is not None:
             row["plan"] = plan.describe()
             row["plan_estimate_gib"] = plan.estimate_gib.get("total")
@@ -383,17 +454,24 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
                     data = loader(dataset, batches, keep_items, workers, device)
                 else:
                     step = {"vision": vision_step, "llm": llm_only_step}.get(packing, janus_step)(model, device, host_side=False)
-                    data = DeviceBatches(loader(dataset, batches, PackInWorker(collator, model.qwen.config), workers, device), source, device)
+                    data_set = vision_dataset if packing == "vision_cache" else dataset
+                    data = DeviceBatches(loader(data_set, batches, PackInWorker(collator, model.qwen.config), workers, device), source, device)
             timed = timed_loop(step, data, warmup, steps, device)
             works = timed.pop("works")
             row.update(timed)
             total = sum(works[1:], works[0])
             row.update({"tokens": total.tokens, "labels": total.labels, "tokens_sq": total.tokens_sq, "images": len(total.image_grids)})
-            row["flop"] = {k: v for k, v in count(total, recomputed_layers=len(ckpt)).items() if k != "llm_forward"}
-            row["flop_per_step"] = [FLOP_OF[packing](count(w, recomputed_layers=len(ckpt))) for w in works]
-            row["flop_counted"] = {"vision": "vision tower forward", "llm": "model minus the vision tower"}.get(packing, "model")
+            counted = lambda w: {**count(w, recomputed_layers=len(ckpt)),  # noqa: E731
+                                 "vision_merger": sum(vision_forward(count.vision, g)["merger"] for g in w.image_grids)}
+            row["flop"] = {k: v for k, v in counted(total).items() if k != "llm_forward"}
+            row["flop_per_step"] = [FLOP_OF[packing](counted(w)) for w in works]
+            row["flop_counted"] = {"vision": "vision tower forward", "llm": "model minus the vision tower",
+                                   "vision_cache": "model minus the vision tower's blocks (its merger runs)"}.get(packing, "model")
+            if packing == "vision_cache":  # every frame's rows read instead of its pixels: bf16 [P, C] per frame
+                row["vision_cache"] = True
+                row["bytes_per_sample_read"] = len(total.image_grids) / total.samples * rows_per_frame[0] * rows_per_frame[1] * 2
             # the memory model (no optimizer, as this benchmark runs) for this case, next to the measured peak
-            if packing in ("main", "workers", "llm") and "peak_gib" in row:
+            if packing in ("main", "workers", "llm", "vision_cache") and "peak_gib" in row:
                 est = model_gib(dataclasses.replace(shape, fused=fuse), tokens=round(total.tokens / len(works)), gpus=1,
                                 checkpointed=len(ckpt), optimizer=False)
                 shift = no_opt.correction_gib if no_opt else 0.0

@@ -6,6 +6,10 @@ validate_config(config)
 
 RESULTS = "results"
 
+# Shard names never hold a "/": results/cache/{shard}.h5 must not claim results/cache/vision/<shard>.h5.
+wildcard_constraints:
+    shard=r"[^/]+",
+
 # Any encoder setting (weights, preset, layer, dtype, resolution, frame order) changes this
 # value, and with it the params of every precompute job: all shards become stale.
 from vlnflow.spatial.fingerprint import encoder_fingerprint

@@ -87,3 +87,4 @@ rule validate_cache:
 rule precompute_all:
     input:
         "results/cache/validation.json",
+        *wf.vision_cache_inputs(config),  # the per-frame vision cache too, with cache.vision (rules/vision_cache.smk)

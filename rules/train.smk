@@ -39,6 +39,7 @@ rule train:
 rule train_live:
     input:
         samples=config["train"]["samples"],
+        vision=wf.vision_cache_inputs(config),  # VGGT live; the vision rows as in `train` (cache.vision)
     output:
         metrics=f"results/train/{TRAIN_RUN}_live/metrics.jsonl",
         summary=f"results/train/{TRAIN_RUN}_live/summary.json",

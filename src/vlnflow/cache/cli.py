@@ -55,10 +55,20 @@ def run_estimate(args: argparse.Namespace) -> int:
     decision = Decision(samples, gpus, args.epochs, args.runs, rates, cache_bytes=est.total_bytes)
     lines = [line for line in est.lines() if not line.startswith("GPU time")] + decision.lines()
     lines += [f"left out           {note}" for note in notes]
+    lines += ["", *vision_lines(config, samples, None if args.samples is not None else Path(args.index), rates["cached"], gpus)]
     if args.samples is None:
         lines += per_source_lines(Path(args.index), Path(args.results), est.bytes_per_sample, rates["precompute"].per_gpu)
     print("\n".join(lines))
     return 0
+
+
+def vision_lines(config: dict, samples: int, index: Path | None, cached_rate, gpus: int) -> list[str]:
+    """The per-frame vision cache's size and the read rate training needs (vlnflow.cache.vision_estimate)."""
+    from vlnflow.cache.vision_estimate import vision_estimate
+
+    per_node = min(gpus, config["cluster"]["gpus_per_node"])
+    return vision_estimate(config, samples, index=index, samples_per_s_per_gpu=cached_rate.per_gpu,
+                           rate_source="the 'epoch, cached' rate above", gpus_per_node=per_node).lines()
 
 
 def per_source_lines(index: Path, results: Path, bytes_per_sample: int, samples_per_s: float | None) -> list[str]:

@@ -16,6 +16,9 @@ Batch keys (tensors on CPU; the trainer moves them):
   action_labels [B] (the sample's action id, the seed's mapping)
   pixel_values [patches, 3*2*14*14], image_grid_thw [images, 3], image_sample_index [images]
   spatial_features [B, P, C], sample_ids list[str]
+  with cached vision rows (vlnflow.train.vision_source), only when some sample has them:
+  vision_cached [images] bool (host), vision_rows [sum P, C] (the cached images' rows, image order);
+  pixel_values then holds only the other images' patches
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class EncodedSample:
     image_grid_thw: torch.Tensor  # [frames, 3]
     segments: list[int] | None = None  # answer segment per label token; None: one segment (the action)
     action: int | None = None  # action id for the head (STOP 0 .. TURN_RIGHT 3); None: no head label (ignored)
+    vision_rows: torch.Tensor | None = None  # cached tower rows of every frame [frames * P, C]; None: pixel_values
 
 
 class Collator:
@@ -79,11 +83,16 @@ class Collator:
     def __call__(self, rows: Sequence[Mapping[str, Any]], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
         return self.pack([self.encode(row) for row in rows], features)
 
-    def encode(self, row: Mapping[str, Any]) -> EncodedSample:
+    def encode(self, row: Mapping[str, Any], vision_rows: Sequence[torch.Tensor] | None = None) -> EncodedSample:
+        """`vision_rows`: every frame's cached vision rows (vlnflow.train.vision_source); the frames are then not
+        decoded (their grid is the geometry's) and the sample carries the rows instead of pixel patches."""
         sample_id = str(row["sample_id"])
         frames = list(row["frames"]) if row.get("frames") is not None else []
         if not frames:
             raise DatasetError(f"sample {sample_id!r} has no frames", episode=row.get("episode_id"))
+        if vision_rows is not None:
+            return self._encode_tokens(row, sample_id, torch.tensor([self.grid_thw] * len(frames)),
+                                       self._empty_patches(), cached_rows(sample_id, vision_rows, len(frames), self.geometry))
         images = [self.load_frame(self.root / f, self.geometry) for f in frames]
         processed = self.image_processor(images=images, return_tensors="pt")
         grid = processed["image_grid_thw"]
@@ -93,14 +102,24 @@ class Collator:
                 f"({self.geometry.describe()}) needs {self.grid_thw} per frame: the image processor is not pinned to "
                 f"{self.geometry.qwen_hw[0]}x{self.geometry.qwen_hw[1]}", episode=row.get("episode_id"),
             )
+        return self._encode_tokens(row, sample_id, grid, processed["pixel_values"])
+
+    def _encode_tokens(self, row, sample_id: str, grid: torch.Tensor, pixel_values: torch.Tensor,
+                       vision_rows: torch.Tensor | None = None) -> EncodedSample:
         counts = (grid.prod(-1) // (self.merge * self.merge)).tolist()
-        prompt, answer = conversation(row, len(frames))
+        prompt, answer = conversation(row, len(grid))
         input_ids, labels = tokenize_conversation(self.tokenizer, prompt, answer, counts)
         try:
             segments = answer_segments(self.tokenizer, answer, [t for t in labels if t != IGNORE_INDEX])
         except ValueError as exc:
             raise DatasetError(f"sample {sample_id!r}: {exc}", episode=row.get("episode_id")) from None
-        return EncodedSample(sample_id, input_ids, labels, processed["pixel_values"], grid, segments, action_id(row, answer))
+        return EncodedSample(sample_id, input_ids, labels, pixel_values, grid, segments, action_id(row, answer), vision_rows)
+
+    def _empty_patches(self) -> torch.Tensor:
+        """[0, patch width]: a cached sample adds no pixel patches to the batch."""
+        p = self.image_processor
+        width = 3 * int(getattr(p, "temporal_patch_size", 2)) * int(getattr(p, "patch_size", 14)) ** 2
+        return torch.zeros(0, width)
 
     def pack(self, samples: Sequence[EncodedSample], features: Sequence[torch.Tensor] | torch.Tensor) -> dict:
         if len(samples) != len(features):
@@ -133,7 +152,30 @@ class Collator:
                 [torch.full((len(s.image_grid_thw),), i, dtype=torch.long) for i, s in enumerate(samples)]
             ),
             "sample_ids": [s.sample_id for s in samples],
+            **pack_vision_rows(samples),
         }
+
+
+def cached_rows(sample_id: str, rows: Sequence[torch.Tensor], frames: int, geometry: FrameGeometry) -> torch.Tensor:
+    """One sample's cached vision rows as [frames * P, C]; each frame's map must have the geometry's P rows."""
+    if len(rows) != frames:
+        raise DatasetError(f"sample {sample_id!r}: {len(rows)} cached vision row maps for {frames} frames")
+    for r in rows:
+        if r.dim() != 2 or r.shape[0] != geometry.feature_tokens:
+            raise DatasetError(f"sample {sample_id!r}: cached vision rows of shape {tuple(r.shape)}, the frame geometry "
+                               f"({geometry.describe()}) needs [{geometry.feature_tokens}, channels]")
+    return torch.cat(list(rows), dim=0)
+
+
+def pack_vision_rows(samples: Sequence[EncodedSample]) -> dict:
+    """`vision_cached` / `vision_rows` when some sample carries cached rows; {} otherwise (the batch stays as before)."""
+    if all(s.vision_rows is None for s in samples):
+        return {}
+    cached = [s.vision_rows is not None for s in samples for _ in range(len(s.image_grid_thw))]
+    return {
+        "vision_cached": torch.tensor(cached, dtype=torch.bool),
+        "vision_rows": torch.cat([s.vision_rows for s in samples if s.vision_rows is not None]),
+    }
 
 
 def head_position(sample: EncodedSample) -> int:

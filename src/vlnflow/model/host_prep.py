@@ -12,8 +12,9 @@ stall the stream. `add_host_metadata(batch, qwen_config)` adds them to a CPU bat
   vision {cu_seqlens, max_seqlen, window_index, cu_window_seqlens, max_window_seqlen, position_ids}
 
 The model uses them when present and computes them itself otherwise (same values, tested).
-`image_grid_thw` is listed in HOST_KEYS: it stays on the CPU when a batch moves to the GPU,
-so the tower's split sizes and the merger's token counts never read the device.
+`image_grid_thw` and `vision_cached` (which images carry cached vision rows; the tower's metadata then
+describes only the others) are HOST_KEYS: they stay on the CPU when a batch moves to the GPU, so the
+tower's split sizes and the merger's token counts never read the device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-HOST_KEYS = frozenset({"image_grid_thw"})
+HOST_KEYS = frozenset({"image_grid_thw", "vision_cached"})
 
 
 class _RopeIndexer:
@@ -89,7 +90,10 @@ def add_host_metadata(batch: dict, qwen_config) -> dict:
     batch["position_ids"] = packed_position_ids(rope_indexer(qwen_config), batch)
     batch["image_positions"] = image.nonzero().squeeze(1)
     batch["image_tokens"] = int(image.sum())
-    batch["vision"] = vision_kwargs(batch["image_grid_thw"], qwen_config.vision_config)
+    live = batch["image_grid_thw"]
+    if batch.get("vision_cached") is not None:  # the tower runs only for images without cached rows
+        live = live[~batch["vision_cached"]]
+    batch["vision"] = vision_kwargs(live, qwen_config.vision_config) if len(live) else None
     merge = qwen_config.vision_config.spatial_merge_size
     per_image = (batch["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
     batch["spatial_index"] = (

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from vlnflow.model import vision_rows
 from vlnflow.model.host_prep import packed_position_ids, vision_kwargs
 from vlnflow.model.objective import Objective, objective_loss
 from vlnflow.model.packed_attention import is_packed
@@ -91,11 +92,19 @@ class JanusModel(nn.Module):
             layer.gradient_checkpointing = i in chosen
 
     # ---- pieces -------------------------------------------------------------------------
-    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, vision: dict | None = None) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, vision: dict | None = None,
+                         cached: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[image tokens, hidden] from Qwen's vision tower, images in batch order.
 
-        `vision`: the tower's metadata precomputed by host_prep (else computed here, on CPU).
+        `vision`: the tower's metadata precomputed by host_prep (else computed here, on CPU). `cached` [images]
+        (bool, on the host) marks images whose tower rows come from the per-frame vision cache (`rows`, in image
+        order): only `visual.merger` runs on them (vlnflow.model.vision_rows); `pixel_values` and `vision` then
+        describe the other images alone.
         """
+        if cached is not None and bool(cached.any()):
+            if self.vision_grad and any(p.requires_grad for n, p in self.visual.named_parameters() if not n.startswith("merger.")):
+                raise ValueError("cached vision rows stand for the frozen tower's blocks, but they train here")
+            return vision_rows.image_embeddings(self.visual, pixel_values, image_grid_thw, vision, cached, rows)
         kwargs = vision if vision is not None else vision_kwargs(image_grid_thw, self.visual.config, pixel_values.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_grad):
             out = self.qwen.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
@@ -137,7 +146,8 @@ class JanusModel(nn.Module):
         """Token embeddings with (Qwen image embedding + lam * spatial) scattered onto the image tokens."""
         input_ids = batch["input_ids"]
         embeds = self.qwen.get_input_embeddings()(input_ids)
-        image = self.image_embeddings(batch["pixel_values"], batch["image_grid_thw"], batch.get("vision"))
+        cached = {"cached": batch["vision_cached"], "rows": batch["vision_rows"]} if batch.get("vision_cached") is not None else {}
+        image = self.image_embeddings(batch["pixel_values"], batch["image_grid_thw"], batch.get("vision"), **cached)
         if self.lam:
             spatial = self.spatial_embeddings(
                 batch["spatial_features"], batch["image_grid_thw"], batch["image_sample_index"], batch.get("spatial_index")

@@ -61,6 +61,9 @@ def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
         )
         out["manifest_json"] = [str(rules.merge_manifest.output.json)] if rules.has("merge_manifest") and not live_only else []
         out["shard_list"] = [str(rules.shard.output[0])] if rules.has("shard") else []
+        vision = config.get("cache", {}).get("vision") and rules.has("merge_vision_manifest")  # the per-frame vision cache
+        out["vision_manifest"] = [str(rules.merge_vision_manifest.output.json)] if vision else []
+        out["vision_stats"] = fill(str(rules.precompute_vision_shard.output.stats), shards, run) if vision else []
         train = fill(TRAIN_METRICS, shards, run)
         out["train_metrics"] = [p for p in train if produced(p)]
         live = []

@@ -45,6 +45,8 @@ class ReportInputs:
     shard_list: list[str] = field(default_factory=list)  # results/shards/shards.json: samples per source
     train_metrics: list[str] = field(default_factory=list)
     live_metrics: list[str] = field(default_factory=list)
+    vision_manifest: list[str] = field(default_factory=list)  # the per-frame vision cache's manifest (cache.vision)
+    vision_stats: list[str] = field(default_factory=list)  # its precompute jobs' stats
 
     @classmethod
     def from_mapping(cls, mapping) -> ReportInputs:
@@ -293,6 +295,11 @@ def write_report(
     run_dirs = {kind: Path(paths[0]).parent for kind, paths in (("cached", inputs.train_metrics), ("live", inputs.live_metrics)) if paths}
     text += cache_decision_markdown(table, runs, samples, gpus, source, config=config, manifest_json=_one(inputs.manifest_json, "cache manifest"),
                                     precompute_stats=inputs.precompute_stats, run_dirs=run_dirs)  # fmt: skip
+    if config is not None:
+        from vlnflow.cache.vision_estimate import report_markdown as vision_markdown
+
+        text += vision_markdown(config, samples, index=_one(inputs.samples, "sample index"), train_metrics=runs.get("cached features"),
+                                manifest_json=_one(inputs.vision_manifest, "vision cache manifest"), stats_files=inputs.vision_stats)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)

@@ -1,7 +1,9 @@
 """Training samples for the DataLoader: per-sample work (frames, tokens, cached features) in workers.
 
 A sample whose features are not in the cache carries its VGGT frames instead, and the
-trainer encodes it live in the main process (counted and logged).
+trainer encodes it live in the main process (counted and logged). With the per-frame vision
+cache (vlnflow.train.vision_source), a sample whose frames it all holds carries their Qwen
+vision rows instead of decoded, processed images.
 """
 
 from __future__ import annotations
@@ -27,18 +29,22 @@ class TrainItem:
 class TrainSamples(Dataset):
     """Rows of samples.parquet -> TrainItem."""
 
-    def __init__(self, samples: pd.DataFrame, collator: Collator, source: SpatialSource, dataset_root: str | Path):
+    def __init__(self, samples: pd.DataFrame, collator: Collator, source: SpatialSource, dataset_root: str | Path,
+                 vision=None):
+        """`vision`: a VisionSource (cached Qwen vision rows per frame), or None to run the tower for every frame."""
         self.rows = samples.to_dict("records")
         self.collator = collator
         self.source = source
         self.root = Path(dataset_root)
+        self.vision = vision
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> TrainItem:
         row = self.rows[i]
-        encoded = self.collator.encode(row)
+        vision_rows = self.vision.rows(row["frames"]) if self.vision is not None else None
+        encoded = self.collator.encode(row, vision_rows=vision_rows)
         features = self.source.lookup(row["sample_id"])
         frames = None
         if features is None:

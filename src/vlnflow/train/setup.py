@@ -17,12 +17,14 @@ from typing import Any
 import pandas as pd
 import torch
 
+from vlnflow.cache.vision_fingerprint import enabled as vision_enabled
 from vlnflow.errors import UserError
 from vlnflow.train import dist_check
 from vlnflow.train.data import TrainSamples
 from vlnflow.train.deepspeed_config import build_ds_config
 from vlnflow.train.memory_plan import plan_for_run
 from vlnflow.train.spatial_source import SpatialSource
+from vlnflow.train.vision_source import build_vision_source
 
 log = logging.getLogger("vlnflow.train")
 
@@ -44,6 +46,7 @@ class TrainRun:
     val: TrainSamples | None  # held-out episodes (dataset.val_fraction), None without any
     total: int  # optimizer steps this run trains to
     per_epoch: int  # optimizer steps per epoch
+    vision: Any = None  # vlnflow.train.vision_source.VisionSource (cache.vision), None: the tower runs for every frame
 
     @property
     def tcfg(self) -> dict:
@@ -75,13 +78,15 @@ def build_run(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_
     samples, held_out = read_samples(tcfg["samples"], config["dataset"]["val_fraction"])
     world = dist.get_world_size()
     source, collator, model = build_model(config, device, use_cache, world)
+    vision = build_vision_source(config, model)  # before the engine: the tower's digest from whole weights
     per_epoch = steps_per_epoch(len(samples), tcfg, world)
     total = max_steps or tcfg["max_steps"] or per_epoch * tcfg["epochs"]
     engine = build_engine(model, tcfg, world, device, total)
     root = config["dataset"]["root"]
-    dataset = TrainSamples(samples, collator, source, root)
-    val = TrainSamples(held_out, collator, source, root) if len(held_out) else None
-    return TrainRun(config, run_dir, device, dist.get_rank(), world, dist, engine, collator, source, dataset, val, total, per_epoch)
+    dataset = TrainSamples(samples, collator, source, root, vision=vision)
+    val = TrainSamples(held_out, collator, source, root, vision=vision) if len(held_out) else None
+    return TrainRun(config, run_dir, device, dist.get_rank(), world, dist, engine, collator, source, dataset, val, total, per_epoch,
+                    vision)
 
 
 # ---- distributed ----------------------------------------------------------------------------------
@@ -124,6 +129,8 @@ def init_distributed(config: dict, run_dir: Path, use_cache: bool):
         dist_check.verify_world(dist)
         if use_cache and tcfg["cache"] is not None:
             dist_check.verify_manifest(tcfg["cache"], dist)
+        if vision_enabled(config):
+            dist_check.verify_manifest(tcfg["vision_cache"], dist)
     return device, dist
 
 

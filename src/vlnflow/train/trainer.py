@@ -60,6 +60,7 @@ class StepWindow:
     labels: int = 0
     tokens_sq: int = 0
     images: int = 0
+    vision_cached: int = 0  # frames whose Qwen vision rows came from the per-frame vision cache
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -180,6 +181,8 @@ def next_micro_batch(run: TrainRun, batches: Iterator, progress: Progress, windo
     window.labels += batch["label_positions"].numel()  # shapes and host lists only: no device read
     window.tokens_sq += sum(n * n for n in batch.get("seq_lens") or ())
     window.images += len(batch["image_grid_thw"])
+    if batch.get("vision_cached") is not None:  # a host tensor (HOST_KEYS): no device read
+        window.vision_cached += int(batch["vision_cached"].sum())
     batch["optimizer_step"] = progress.step  # finished steps, the seed's global_step: the action head's weight ramp
     return batch
 
@@ -206,11 +209,11 @@ def finish_step(run: TrainRun, progress: Progress, window: StepWindow, phases: P
     tcfg, world = run.tcfg, run.world
     elapsed = time.perf_counter() - window.started
     stats = torch.tensor([torch.stack(window.losses).mean().item(), window.wait, window.tokens, progress.cached, progress.live,
-                          window.labels, window.tokens_sq, window.images], dtype=torch.float64)  # fmt: skip
+                          window.labels, window.tokens_sq, window.images, window.vision_cached], dtype=torch.float64)  # fmt: skip
     if run.device.type == "cuda":
         stats = stats.to(run.device)
     run.dist.all_reduce(stats)
-    mean_loss, wait_sum, tok_sum, cached, live, labels, tokens_sq, images = stats.tolist()
+    mean_loss, wait_sum, tok_sum, cached, live, labels, tokens_sq, images, vision_cached = stats.tolist()
     n_samples = tcfg["per_device_batch"] * run.accum * world
     summary = {
         "step": progress.step,
@@ -228,6 +231,8 @@ def finish_step(run: TrainRun, progress: Progress, window: StepWindow, phases: P
         "images": int(images),
         "cached_samples": int(cached),
         "live_samples": int(live),
+        "vision_cached_frames": int(vision_cached),  # this step, all ranks: frames whose tower rows were read
+        "vision_live_frames": int(images - vision_cached),  # ... and frames that ran Qwen's vision tower
         **step_terms(window.terms, run.dist, run.device, run.engine.module.action_head is not None),
         "gpu_mem_gib": gpu_memory_gib(),
         "world_size": world,

@@ -86,5 +86,13 @@ def shard_settings_param(config: dict) -> dict:
 
 
 def train_cache_inputs(config: dict) -> list[str]:
-    """Training waits for a validated cache when one is configured (train.cache), else needs nothing."""
-    return [] if config["train"]["cache"] is None else ["results/cache/validation.json"]
+    """Training waits for a validated cache when one is configured (train.cache), else needs nothing; and for
+    the validated per-frame vision cache with cache.vision."""
+    return ([] if config["train"]["cache"] is None else ["results/cache/validation.json"]) + vision_cache_inputs(config)
+
+
+def vision_cache_inputs(config: dict) -> list[str]:
+    """The per-frame vision cache's validation when cache.vision is true (precompute_all and train wait for it)."""
+    from vlnflow.cache.vision_fingerprint import VALIDATION, enabled
+
+    return [VALIDATION] if enabled(config) else []
