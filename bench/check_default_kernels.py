@@ -102,7 +102,7 @@ def case_vision(dev, args) -> dict:
     from vlnflow.model.vision_fast import apply_vision_fast
 
     vcfg = qwen7b_config().vision_config
-    grid_h, grid_w = args.grid
+    grid_h, grid_w = args.geometry.kept_grid  # Qwen's patch grid of one frame
     if SCALE > 1:  # smoke: a small tower of the same structure
         vcfg.depth, vcfg.hidden_size, vcfg.num_heads, vcfg.intermediate_size, vcfg.out_hidden_size = 4, 80, 2, 100, 64
         vcfg.fullatt_block_indexes = [1, 3]
@@ -199,7 +199,7 @@ def case_vggt(dev, args) -> dict:
     from vlnflow.spatial import SpatialEncoder
 
     preset = "vggt-1b" if SCALE == 1 else "tiny"
-    h, w = (args.grid[0] * 14, args.grid[1] * 14) if SCALE == 1 else (42, 56)
+    h, w = args.geometry.vggt_hw if SCALE == 1 else (42, 56)  # the VGGT input (crop 490x644, pad 644x644)
     spatial = {"preset": preset, "device": DEVICE, "image_size": max(h, w), "dtype": "bfloat16"}
     default = SpatialEncoder.from_config({**spatial, "attention": "auto"})
     ref_enc = SpatialEncoder.from_config({**spatial, "dtype": "float32", "attention": "sdpa"}, compile_blocks=False)
@@ -243,13 +243,16 @@ CASES = {"llm_varlen": case_llm, "llm_layer": case_llm_layer, "vision_tower": ca
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma list of cases (default all)")
-    ap.add_argument("--grid", default="46x46", help="VGGT/vision patch grid HxW of one frame (46x46 = 644 pad; 34x46 = crop)")
+    ap.add_argument("--preprocess", default="pad", choices=["crop", "pad"], help="frame geometry (spatial.preprocess) of the "
+                    "vision tower and VGGT cases, 640x480 frames at 644: crop = VGGT 490x644, Qwen 34x46 patches; pad = 644x644, 46x46")
     ap.add_argument("--factor", type=float, default=1.5, help="allowed multiple of the plain bf16 kernel's error")
     ap.add_argument("--floor", type=float, default=1e-2, help="always-acceptable rms relative error")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/check_default_kernels"))
     ap.add_argument("--cpu-smoke", action="store_true", help="smoke-test this script on CPU at shapes / 16")
     args = ap.parse_args()
-    args.grid = tuple(int(x) for x in args.grid.lower().split("x"))
+    from vlnflow.spatial.geometry import FrameGeometry
+
+    args.geometry = FrameGeometry(args.preprocess, 644, (640, 480))
     global SCALE, DEVICE
     if args.cpu_smoke:
         SCALE, DEVICE = 16, "cpu"
@@ -258,6 +261,7 @@ def main() -> int:
 
     block = provenance({"per_case": 1}, device=dev)
     report = {**block, "provenance": block, "flash_attn_4": fa4.unavailable_reason(dev) or "usable",
+              "preprocess": args.preprocess, "geometry": args.geometry.describe(),
               "factor": args.factor, "floor": args.floor, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
