@@ -347,6 +347,7 @@ def precompute_shard(
         "open": open_s,  # shard table, partial file, loader
         "first_data": first_data_s,  # DataLoader workers started and the first batch decoded
         "first_batch": warmup.first_batch_s or 0.0,  # the first batch on the device, its compile included
+        "later_warmup": warm["warmup_s"] - (warmup.first_batch_s or 0.0),  # first batches of the other shape classes
     }
     steady_samples = n_done - warm["warmup_samples"]
     steady_s = max(0.0, loop_s - warm["warmup_s"] - first_data_s)
@@ -370,7 +371,7 @@ def precompute_shard(
         "finished_at": time.time(),
         "process_started_at": process_start,
         "gpu_wait_s": gpu_wait_s,
-        # set-up = everything before the steady batch loop: the split below, summed
+        # set-up = everything that is not the steady batch loop: the split below, summed
         "setup_s": sum(setup_split.values()),
         "setup_split_s": setup_split,
         "loop_s": loop_s,

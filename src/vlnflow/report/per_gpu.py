@@ -57,7 +57,7 @@ def per_gpu_table(stats_paths: list[str]) -> pd.DataFrame:
     return table.sort_values(["started_at", "shard"], na_position="last", ignore_index=True)
 
 
-SETUP_COLUMNS = ("shard", "setup_s", "imports_s", "weights_s", "first_data_s", "first_batch_s", "compile_cache",
+SETUP_COLUMNS = ("shard", "setup_s", "imports_s", "weights_s", "first_data_s", "first_batch_s", "later_warmup_s", "compile_cache",
                  "lock_wait_s", "recompiles_after_warmup", "steady_samples_per_s")  # fmt: skip
 
 
@@ -85,6 +85,7 @@ def setup_table(stats_paths: list[str]) -> pd.DataFrame:
             "weights_s": float(split.get("weights", math.nan)),
             "first_data_s": float(split.get("first_data", math.nan)),
             "first_batch_s": float(split.get("first_batch", math.nan)),
+            "later_warmup_s": float(split.get("later_warmup", math.nan)),
             "compile_cache": _cache_state(s),
             "lock_wait_s": float((s.get("compile") or {}).get("lock_wait_s", math.nan)),
             "recompiles_after_warmup": s.get("recompiles_after_warmup"),
@@ -132,15 +133,15 @@ def per_gpu_markdown(stats_paths: list[str]) -> str:
               "running (CPU) or launching (GPU) the encoder, write wait = blocked on the writer thread (on a GPU this "
               "includes waiting for the GPU); device busy = the batches' GPU time / loop time."]
     setup = setup_table(stats_paths)
-    header = ["shard", "set-up s", "imports s", "weights s", "first data s", "first batch s", "compile cache", "lock wait s",
+    header = ["shard", "set-up s", "imports s", "weights s", "first data s", "first batch s", "later warm-up s", "compile cache", "lock wait s",
               "recompiles after warm-up", "steady samples/s"]  # fmt: skip
-    lines += ["", "Set-up and compiles per job (set-up = imports + weights + loader start + first data + first batch, its "
-              "compile included; compile cache warm = every graph came from the host's cache; recompiles after warm-up "
-              "= batches that compiled after the first batch of their shape class):", "",
+    lines += ["", "Set-up and compiles per job (set-up = imports + weights + loader start + first data + the first batch of "
+              "each shape class, compiles included; compile cache warm = every graph came from the host's cache; "
+              "recompiles after warm-up = batches that compiled after the first batch of their shape class):", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
     for r in setup.itertuples():
         recompiles = "" if r.recompiles_after_warmup is None or (isinstance(r.recompiles_after_warmup, float) and math.isnan(r.recompiles_after_warmup)) else str(int(r.recompiles_after_warmup))
         cells = [str(r.shard), _n(r.setup_s), _n(r.imports_s), _n(r.weights_s), _n(r.first_data_s), _n(r.first_batch_s),
-                 r.compile_cache, _n(r.lock_wait_s), recompiles, _n(r.steady_samples_per_s)]  # fmt: skip
+                 _n(r.later_warmup_s), r.compile_cache, _n(r.lock_wait_s), recompiles, _n(r.steady_samples_per_s)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
