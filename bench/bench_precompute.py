@@ -407,23 +407,22 @@ def print_case(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    import torch
-
     from provenance_hook import card_slug, provenance
 
-    card = torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    out = Path(args.out or Path(os.environ.get("OUT", ".")) / f"precompute_{card_slug(card)}.json")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     if args.work and work.exists() and any(work.iterdir()):
         raise SystemExit(f"--work {work} is not empty")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLNFLOW_CACHE_DIR", str(work / "vlnflow_cache"))  # weights digests: jobs find the bench's
-    report = {"bench": "precompute", "provenance": provenance(sys.argv if argv is None else ["bench/bench_precompute.py", *argv]),
+    report = {"bench": "precompute", "provenance": None,
               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("out", "work")},
               "cases": {}, "phases_s": {}, "budget_s": args.budget_s}  # fmt: skip
     try:
         cold_eps, real_eps = episode_plan(args.samples)
-        report["data"] = make_data(args, work, cold_eps, real_eps)
+        report["data"] = make_data(args, work, cold_eps, real_eps)  # forks renderers: before this process touches CUDA
+        report["provenance"] = provenance(sys.argv if argv is None else ["bench/bench_precompute.py", *argv])
+        card = report["provenance"].get("card") or "cpu"
+        out = Path(args.out or Path(os.environ.get("OUT", ".")) / f"precompute_{card_slug(card)}.json")
         report["phases_s"]["data"] = report["data"]["seconds"]
         weights, report["phases_s"]["weights_file"] = write_weights(args, work)
         k_r2r = r2r_spot_check(args.r2r_config)

@@ -261,7 +261,6 @@ def precompute_shard(
     started, started_at = time.perf_counter(), time.time()
     imports_s = max(0.0, started_at - process_start - gpu_wait_s) if process_start else 0.0
     cache_cfg = config["cache"]
-    compile_dir = compile_cache.activate(cache_cfg.get("compile_cache"))  # before anything compiles
     counters_before = compile_cache.CompileCounters.snapshot()
     table = pd.read_parquet(shard_parquet)
     sample_ids = table.sample_id.tolist()
@@ -269,6 +268,8 @@ def precompute_shard(
     t0 = time.perf_counter()
     encoder = encoder or SpatialEncoder.from_config(config["spatial"])
     weights_s = time.perf_counter() - t0
+    compiling = bool(getattr(encoder, "compile_blocks", False))  # compiles happen at the first batch, after this
+    compile_dir = compile_cache.activate(cache_cfg.get("compile_cache")) if compiling else None
     t0 = time.perf_counter()
     writer = ShardWriter(
         out_h5,

@@ -160,10 +160,11 @@ def spot_check_cache(
     timing: dict = {}
     live: list[torch.Tensor] = []
     if picks:
-        compile_cache.activate(config["cache"].get("compile_cache"))
         t0 = time.perf_counter()
         encoder = encoder or SpatialEncoder.from_config(config["spatial"])
         weights_s = time.perf_counter() - t0
+        if getattr(encoder, "compile_blocks", False):  # the host's compile cache, warm from the precompute jobs
+            compile_cache.activate(config["cache"].get("compile_cache"))
         live = recompute(picks, encoder, Path(config["dataset"]["root"]), timing)
     checked: dict[str, list[dict]] = {Path(h).stem: [] for h, _ in shards}
     for pick, feature in zip(picks, live):
