@@ -138,7 +138,11 @@ def main() -> int:
     args = parser.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     need_samples = args.gpus_per_node * args.samples_per_s_per_gpu
-    results = {"machine": {"host": platform.node(), "cpus": os.cpu_count()}, "samples": args.samples, "shards": args.shards,
+    from vlnflow.provenance import provenance
+    from vlnflow.timing import spread
+
+    results = {"provenance": provenance({"passes per row": args.repeats}), "machine": {"host": platform.node(), "cpus": os.cpu_count()},
+               "samples": args.samples, "shards": args.shards,
                "need": {"gpus_per_node": args.gpus_per_node, "samples_per_s_per_gpu": args.samples_per_s_per_gpu,
                         "samples_per_s_per_node": need_samples}, "dtypes": {}, "rows": []}  # fmt: skip
     for dtype in args.dtypes.split(","):
@@ -169,7 +173,8 @@ def main() -> int:
                     row = {"dtype": dtype, "readers": readers, "workers": workers, "mode": mode, "evicted_by": how,
                            "samples_per_s": sps, "MB_per_s": sps * per / 1e6, "headroom_vs_need": sps / need_samples,
                            "per_rank_samples_per_s_median": statistics.median(best["per_rank_samples_per_s"]),
-                           "passes_wall_s": [p["wall_s"] for p in passes]}  # fmt: skip
+                           "passes_wall_s": [p["wall_s"] for p in passes],
+                           "passes_samples_per_s": spread([p["samples"] / p["wall_s"] for p in passes])}  # fmt: skip
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 # encoder alone on a precompute job's batches, VGGT-1B bf16 B=16 (docs/benchmarks.md): H200 pad 2026-12-02
 DEFAULT_ENCODER_RATES = "11.7"
 
@@ -55,6 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     args.out = args.out or str(Path(os.environ.get("OUT", ".")) / "decode.json")
     return args
+
+
+def cpu_info() -> dict:
+    """The decoding CPU: model name and the cores this process may use."""
+    model = "unknown"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 
 
 def unique_frames_per_sample(batch_size: int, episodes: int = 60, seed: int = 0) -> float:
@@ -135,14 +143,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from provenance_hook import provenance
     from vlnflow.cache.loader_workers import MAX_AUTO, auto_workers
+    from vlnflow.provenance import provenance
     from vlnflow.spatial.geometry import FrameGeometry
 
     torch.set_num_threads(1)
     per_sample = unique_frames_per_sample(args.batch_size)
     rates = [float(r) for r in args.encoder_samples_per_s.split(",") if r]
-    report = {"bench": "decode", "provenance": provenance(sys.argv if argv is None else ["bench/bench_decode.py", *argv]),
+    argv_full = sys.argv if argv is None else ["bench/bench_decode.py", *argv]
+    report = {"bench": "decode", "provenance": {**provenance(args.repeats, argv=argv_full, device="cpu"), **cpu_info()},
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "unique_frames_per_sample": per_sample, "cases": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:

@@ -159,8 +159,11 @@ def load_and_predict(out: Path, config: dict, n: int, max_new: int, results: dic
     results["predict_warmup"] = per[0]
     timed = per[1:] or per
     results["predict_samples"] = timed
+    from vlnflow.timing import spread
+
     for key in ("prepare_s", "vggt_s", "generate_s", "total_s"):
         results[f"predict_{key}_median"] = statistics.median(p[key] for p in timed)
+        results[f"predict_{key}"] = spread([p[key] for p in timed])
     results["decode_tokens_per_s"] = statistics.median(p["new_tokens"] / p["generate_s"] for p in timed)
     if torch.cuda.is_available():
         results["predict_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -203,13 +206,10 @@ def main() -> int:
         ckpt_root = Path("/dev/shm/bench_export_run")
     run_dir = ckpt_root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    import torch
+    from vlnflow.provenance import provenance
 
-    results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     "torch": torch.__version__, "run_dir": str(run_dir), "tiny": args.tiny}
-    import transformers
-
-    results["transformers"] = transformers.__version__
+    results: dict = {"provenance": provenance({"predict samples (after one warm-up)": args.samples, "export, load": 1}),
+                     "run_dir": str(run_dir), "tiny": args.tiny}  # fmt: skip
     config = base_config(work, args.tiny)
     prepare_data(work, config, args.tiny)
     save_checkpoint(config, run_dir, results)

@@ -24,7 +24,6 @@ Prints a table last; writes fp8_bench.json into --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import torch
 
 from vlnflow.cache import format as fmt
 
+REPEATS = 10  # timed codec calls (median, min, max kept)
 PRESETS = {  # spatial preset, image size, frame size on disk, model preset, merger hidden
     "real": {"spatial": "vggt-1b", "image_size": 644, "frame": (640, 480), "model": "qwen2.5-vl-7b", "merger_hidden": 4096},
     "tiny": {"spatial": "tiny", "image_size": 56, "frame": (96, 72), "model": "tiny", "merger_hidden": 128},
@@ -147,20 +147,22 @@ def merger_errors(bf16: torch.Tensor, fp8: torch.Tensor, grid, hidden: int, out_
 def codec_timing(raw: torch.Tensor, device: torch.device) -> dict:
     batch = raw[:1].expand(16, *raw.shape[1:]).contiguous()
     fmt.encode(batch, FP8)
+    from vlnflow.timing import spread
+
     times = []
-    for _ in range(3):
+    for _ in range(REPEATS):
         sync(device)
         t0 = time.perf_counter()
         values, scale = fmt.encode(batch, FP8)
         sync(device)
         times.append(time.perf_counter() - t0)
     dec = []
-    for _ in range(5):
+    for _ in range(REPEATS):
         t0 = time.perf_counter()
         fmt.decode(values[0], FP8, scale[0])
         dec.append(time.perf_counter() - t0)
-    return {"encode_16_samples_s": statistics.median(times), "encode_device": str(device),
-            "decode_one_sample_cpu_s": statistics.median(dec), "cpu_threads": torch.get_num_threads()}  # fmt: skip
+    return {"encode_16_samples_s": spread(times), "encode_device": str(device),
+            "decode_one_sample_cpu_s": spread(dec), "cpu_threads": torch.get_num_threads()}  # fmt: skip
 
 
 def loss_curves(rows, root: Path, feats: dict[str, torch.Tensor], preset: dict, steps: int, device: torch.device, grid) -> dict:
@@ -219,15 +221,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     t_start = time.perf_counter()
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "torch": torch.__version__,
-              "preset": args.preset, **preset}  # fmt: skip
+    from vlnflow.provenance import provenance
+
+    report = {"preset": args.preset, **preset}
     with tempfile.TemporaryDirectory() as tmp:
         rows, root = make_samples(Path(tmp), preset, args.samples)
         enc = build_encoder(preset, args.device, args.seed)
         device = enc.device
-        report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-        report["machine"] = {"cpus": os.cpu_count(), "host": platform.node()}
+        report = {"provenance": provenance({"codec encode / decode": REPEATS, "loss steps per curve": args.loss_steps},
+                                           argv=sys.argv if argv is None else ["bench/bench_fp8.py", *argv], device=device),
+                  **report, "machine": {"cpus": os.cpu_count(), "host": platform.node()}}  # fmt: skip
         raw = encode_features(enc, rows, root, preset["image_size"])
         grid = enc.grid
         del enc
@@ -250,8 +253,10 @@ def main(argv=None) -> int:
 
 def print_table(r: dict) -> None:
     f, m = r["features"], r["merger"]
-    print(f"\n# fp8 e4m3 cache vs bf16 cache: {r['device']}, preset {r['preset']}, {f['samples']} samples of "
-          f"{f['shape'][0]} x {f['shape'][1]}, encoder output {f['encoder_output_dtype']}, torch {r['torch']}")  # fmt: skip
+    p = r["provenance"]
+    print(f"\n# fp8 e4m3 cache vs bf16 cache: {p['card']}, preset {r['preset']}, {f['samples']} samples of "
+          f"{f['shape'][0]} x {f['shape'][1]}, encoder output {f['encoder_output_dtype']}, torch {p['versions']['torch']}, "
+          f"commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''}")  # fmt: skip
     fv = f["fp8_vs_bf16_cache"]
     print(f"{'quantity':<48} {'mean':>9} {'p99':>9} {'max':>9}")
     print(f"{'features: per-row rel err, fp8 vs bf16 cache':<48} {fv['row_rel']['mean']:9.4f} {fv['row_rel']['p99']:9.4f} {fv['row_rel']['max']:9.4f}")
@@ -267,8 +272,10 @@ def print_table(r: dict) -> None:
     b = f["bytes_per_sample"]
     print(f"bytes per sample: bf16 {b['bfloat16']:,}  fp8 {b[FP8]:,} ({b[FP8] / b['bfloat16']:.3f}x); row bound {f['row_rel_bound']}")
     c = r["codec"]
-    print(f"codec: quantise 16 samples {c['encode_16_samples_s'] * 1e3:.3g} ms on {c['encode_device']}; "
-          f"dequantise 1 sample on CPU {c['decode_one_sample_cpu_s'] * 1e3:.3g} ms ({c['cpu_threads']} threads)")
+    e, d = c["encode_16_samples_s"], c["decode_one_sample_cpu_s"]
+    print(f"codec: quantise 16 samples {e['median'] * 1e3:.3g} ms (min {e['min'] * 1e3:.3g}, max {e['max'] * 1e3:.3g}, n={e['n']}) on "
+          f"{c['encode_device']}; dequantise 1 sample on CPU {d['median'] * 1e3:.3g} ms (min {d['min'] * 1e3:.3g}, max "
+          f"{d['max'] * 1e3:.3g}, n={d['n']}; {c['cpu_threads']} threads)")
     if "loss" in r:
         lo = r["loss"]
         print(f"loss over {lo['steps']} steps ({lo['trainable']}): max |fp8 - bf16| {lo['max_abs_diff_fp8']:.3g}, "

@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--snakemake", action="store_true", help="also time the workflow (first run, no-change dry run)"
     )
+    parser.add_argument("--out", default=None, help="results JSON (default: $OUT/bench_index.json when OUT is set)")
     args = parser.parse_args(argv)
+    out_json = args.out or (os.path.join(os.environ["OUT"], "bench_index.json") if os.environ.get("OUT") else None)
 
     work = args.dir or tempfile.mkdtemp(prefix="vlnflow-bench-")
     root, out = os.path.join(work, "episodes"), os.path.join(work, "results")
@@ -177,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
             f"samples.parquet {os.path.getsize(samples) / 1e6:.0f} MB"
         )
+        if out_json:
+            from vlnflow.provenance import provenance
+            from vlnflow.timing import spread
+
+            report = {"provenance": provenance({k: len(v) for k, v in times.items()},
+                                               argv=sys.argv if argv is None else ["bench/bench_index.py", *argv]),
+                      "machine": {"host": platform.node(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+                      "episodes": args.episodes, "samples": args.samples, "shards": args.shards, "processes": args.processes,
+                      "samples_parquet_bytes": os.path.getsize(samples), "stages_s": {k: spread(v) for k, v in times.items()}}  # fmt: skip
+            with open(out_json, "w") as fh:
+                json.dump(report, fh, indent=1)
     finally:
         if not args.keep:
             shutil.rmtree(work if not args.dir else root, ignore_errors=True)

@@ -43,8 +43,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "workflow_scripts", "envs")
 GPU_LINE = re.compile(r"(GPU slot \d+ of \d+ claimed: CUDA_VISIBLE_DEVICES=\S+|GPU pinned by the scheduler: \S+|CPU job: no GPU slot claimed|no GPU visible[^\n]*)")
@@ -155,6 +153,14 @@ def case_root(work: Path, case: str, cold, real, samples: int) -> tuple[Path, in
     return root, total
 
 
+def card_slug(card: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu': for result file names."""
+    for word in card.lower().replace("-", " ").split():
+        if word[:1] in "habl" and word[1:2].isdigit():
+            return word
+    return "cpu" if card == "cpu" else "".join(c for c in card.lower() if c.isalnum())[:16]
+
+
 def write_weights(args, work: Path) -> tuple[Path, float]:
     """Random aggregator weights (float32, as VGGT-1B's checkpoint) saved as safetensors; digest remembered."""
     from safetensors.torch import save_file
@@ -238,7 +244,9 @@ def encoder_alone(wf: Path, config: dict, every: int) -> dict:
     from vlnflow.cache import format as fmt
     from vlnflow.cache.loader_workers import loader_workers
     from vlnflow.cache.precompute import ShardFrames, make_batches
+    from vlnflow.flops import vggt_indexed
     from vlnflow.spatial import SpatialEncoder, compile_cache
+    from vlnflow.timing import spread
 
     compile_cache.activate(wf / config["cache"]["compile_cache"])  # the host's cache the jobs filled: warm
     t0 = time.perf_counter()
@@ -251,11 +259,13 @@ def encoder_alone(wf: Path, config: dict, every: int) -> dict:
     table = pd.read_parquet(wf / "results" / "shards" / f"{REAL_SHARD}.parquet")
     frames = [list(f) for f in table.frames]
     batches = make_batches(list(range(len(frames))), [len(f) for f in frames], config["spatial"]["batch_size"])
-    data = ShardFrames(Path(config["dataset"]["root"]), table.sample_id.tolist(), frames, batches, encoder.geometry, encoder.shapes)
+    policy = encoder.shapes if encoder.shapes.pads(encoder.compile_blocks) else None  # as the job pads
+    data = ShardFrames(Path(config["dataset"]["root"]), table.sample_id.tolist(), frames, batches, encoder.geometry, policy)
     picked = list(range(0, len(batches), every))
     workers = loader_workers(config["cache"]["loader_workers"])
     loader = DataLoader(Subset(data, picked), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
-    seen, seconds, samples, mismatched, max_diff, warmup_s = set(), 0.0, 0, 0, 0.0, 0.0
+    seen, seconds, samples, mismatched, max_diff, warmup_s, flop = set(), [], 0, 0, 0.0, 0.0, 0.0
+    arch, patch = encoder.model.config, encoder.model.config.patch_size
     h5 = h5py.File(wf / "results" / "cache" / f"{REAL_SHARD}.h5", "r")
     with torch.inference_mode():
         for batch in loader:
@@ -270,8 +280,10 @@ def encoder_alone(wf: Path, config: dict, every: int) -> dict:
             t = time.perf_counter()
             feats = encoder.encode_indexed(images, index)[:n]
             sync()
-            seconds += time.perf_counter() - t
+            seconds.append(time.perf_counter() - t)
             samples += n
+            grid = (images.shape[-2] // patch, images.shape[-1] // patch)  # as executed: padded rows and images count
+            flop += vggt_indexed(arch, grid, index.shape[1], encoder.layer, samples=index.shape[0], unique_images=images.shape[0])
             ours = fmt.to_storage(feats.cpu(), config["cache"]["dtype"])  # untimed: the job wrote exactly these rows?
             stored = np.stack([h5[fmt.FEATURES][r] for r in batch.rows])
             if not np.array_equal(ours, stored):
@@ -279,9 +291,11 @@ def encoder_alone(wf: Path, config: dict, every: int) -> dict:
                 diff = fmt.from_storage(ours, config["cache"]["dtype"]).float() - fmt.from_storage(stored, config["cache"]["dtype"]).float()
                 max_diff = max(max_diff, float(diff.abs().max()))
     h5.close()
+    total = sum(seconds)
     result = {"batches_timed": len(picked), "batches_in_shard": len(batches), "every": every, "samples": samples,
-              "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0,
-              "ms_per_sample": 1000 * seconds / samples if samples else 0.0, "weights_s": weights_s, "warmup_s": warmup_s,
+              "seconds": total, "batch_s": spread(seconds) if seconds else None, "tflop_executed": flop / 1e12,
+              "samples_per_s": samples / total if total else 0.0,
+              "ms_per_sample": 1000 * total / samples if samples else 0.0, "weights_s": weights_s, "warmup_s": warmup_s,
               "shape_classes": len(seen), "identical_to_job": mismatched == 0, "mismatched_batches": mismatched,
               "max_abs_diff": max_diff, "device": str(dev),
               "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}  # fmt: skip
@@ -365,7 +379,17 @@ def next_samples(args, done: list[dict], case: str, left_s: float) -> int:
     return max(args.min_samples, min(args.samples, fit))
 
 
-def run_case(args, work: Path, case: str, cold_eps, real_eps, weights: Path, samples: int, k_r2r: int) -> dict:
+def rates(alone: dict, matmul: dict | None, card: str) -> dict:
+    """Executed TFLOP/s of the encoder alone over its timed batches, against the datasheet peak and this run's matmul."""
+    from vlnflow.flops import mfu
+
+    if not alone["seconds"]:
+        return {}
+    return mfu(alone["tflop_executed"] * 1e12, alone["seconds"], matmul_tflops=(matmul or {}).get("median"), device_name=card)
+
+
+def run_case(args, work: Path, case: str, cold_eps, real_eps, weights: Path, samples: int, k_r2r: int,
+             matmul: dict | None = None, card: str = "cpu") -> dict:
     t_case = time.perf_counter()
     root, planned = case_root(work, case, cold_eps, real_eps, samples)
     wf, config = make_workflow(work, case, overrides(args, root, weights, case))
@@ -376,6 +400,7 @@ def run_case(args, work: Path, case: str, cold_eps, real_eps, weights: Path, sam
     t_alone = time.perf_counter()
     alone = encoder_alone(wf, config, args.encoder_every)
     alone_s = time.perf_counter() - t_alone
+    alone.update(rates(alone, matmul, card))
     summary = summarise(case, cold, warm, spot, alone, k_r2r)
     total = time.perf_counter() - t_case
     per_sample = (warm["loop_s"] + alone_s) / max(1, warm["computed"])  # the parts that grow with the shard
@@ -407,7 +432,8 @@ def print_case(result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    from provenance_hook import card_slug, provenance
+    from vlnflow.provenance import provenance
+    from vlnflow.timing import matmul_tflops
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     if args.work and work.exists() and any(work.iterdir()):
@@ -420,8 +446,11 @@ def main(argv=None) -> int:
     try:
         cold_eps, real_eps = episode_plan(args.samples)
         report["data"] = make_data(args, work, cold_eps, real_eps)  # forks renderers: before this process touches CUDA
-        report["provenance"] = provenance(sys.argv if argv is None else ["bench/bench_precompute.py", *argv])
-        card = report["provenance"].get("card") or "cpu"
+        device = "cuda" if args.device != "cpu" else "cpu"
+        report["provenance"] = provenance({"encoder_alone": f"every {args.encoder_every}th batch of each real-length shard, one pass"},
+                                          argv=sys.argv if argv is None else ["bench/bench_precompute.py", *argv], device=device)  # fmt: skip
+        card = report["provenance"]["card"]
+        report["matmul_tflops"] = matmul = matmul_tflops(device)
         out = Path(args.out or Path(os.environ.get("OUT", ".")) / f"precompute_{card_slug(card)}.json")
         report["phases_s"]["data"] = report["data"]["seconds"]
         weights, report["phases_s"]["weights_file"] = write_weights(args, work)
@@ -432,7 +461,7 @@ def main(argv=None) -> int:
             samples = next_samples(args, done, case, left)
             print(f"\n== case {case}: {samples} samples (budget left {left:.0f} s)", flush=True)
             try:
-                result = run_case(args, work, case, cold_eps, real_eps, weights, samples, k_r2r)
+                result = run_case(args, work, case, cold_eps, real_eps, weights, samples, k_r2r, matmul, card)
             except Exception as exc:  # a failed case must not lose the others
                 report["cases"][case] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"case {case} failed: {exc}", file=sys.stderr, flush=True)

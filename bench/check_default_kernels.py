@@ -9,8 +9,9 @@ the module). Each case also measures the PLAIN torch kernel in bf16 against the 
 default's error is read against bf16's own rounding:
 
   llm_varlen    packed LLM attention 4 x ~5,310 tokens, 28 q / 4 kv heads, hd 128, causal: out, dq, dk, dv
+  llm_layer     one 7B decoder layer, 4,096 tokens, fwd + bwd, `model.fused_kernels: auto` (Liger where it runs)
   vision_tower  Qwen2.5-VL-7B vision tower (random init, bf16), 9 frames of the configured geometry:
-                vision_fast (varlen attention routed per block + padded MLP) vs transformers' stock tower
+                vision_fast (varlen attention routed per block + padded MLP + compiled blocks on CUDA) vs the stock tower
                 in float32 on the same weights; stock bf16 gives the rounding floor
   vggt_encoder  SpatialEncoder.encode_indexed, VGGT-1B shape (random init), B=4 x 9 frames: the default
                 (compiled blocks, `auto` attention, bf16) vs the same encoder in float32 with SDPA
@@ -29,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -97,7 +97,7 @@ def case_vision(dev, args) -> dict:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from vlnflow.model.host_prep import vision_kwargs
-    from vlnflow.model.loading import attention_kernel
+    from vlnflow.model.loading import attention_kernel, vision_compile
     from vlnflow.model.tiny import qwen7b_config
     from vlnflow.model.vision_fast import apply_vision_fast
 
@@ -114,7 +114,8 @@ def case_vision(dev, args) -> dict:
     with torch.device(dev):
         tower32 = Qwen2_5_VisionTransformerPretrainedModel._from_config(vcfg, dtype=torch.float32).eval()
     stock = copy.deepcopy(tower32).to(dtype)
-    fast = apply_vision_fast(copy.deepcopy(tower32).to(dtype), attention=kernel)
+    compiled = vision_compile({"compile_vision": "auto"}, dev)  # the default: V3 on CUDA
+    fast = apply_vision_fast(copy.deepcopy(tower32).to(dtype), attention=kernel, compile=compiled)
     frames = 9
     grid = torch.tensor([[1, grid_h, grid_w]] * frames)
     patch = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
@@ -129,8 +130,69 @@ def case_vision(dev, args) -> dict:
     ref = run(tower32, torch.float32)
     plain = run(stock, dtype)
     default = run(fast, dtype, **meta)
-    row = {"case": "vision_tower", "kernel": kernel, "shape": f"{frames} frames x {grid_h}x{grid_w} patches, depth {vcfg.depth}"}
+    row = {"case": "vision_tower", "kernel": kernel, "compiled_blocks": compiled,
+           "shape": f"{frames} frames x {grid_h}x{grid_w} patches, depth {vcfg.depth}"}
     return verdict(row, {"out": (rel(default, ref), rel(plain, ref))}, args.factor, args.floor)
+
+
+def case_llm_layer(dev, args) -> dict:
+    """One real-size Qwen2.5-VL-7B decoder layer, forward + backward, with `model.fused_kernels: auto` (Liger's
+    RMSNorm, SwiGLU and RoPE where they run) in bf16 against the same layer in float32 (transformers' own ops)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VLDecoderLayer,
+        Qwen2_5_VLRMSNorm,
+        Qwen2_5_VLRotaryEmbedding,
+    )
+
+    from vlnflow.model import fused_kernels
+    from vlnflow.model.tiny import qwen7b_config
+
+    tcfg = qwen7b_config().text_config
+    if SCALE > 1:
+        tcfg.hidden_size, tcfg.intermediate_size, tcfg.num_attention_heads, tcfg.num_key_value_heads = 64, 128, 4, 2
+        tcfg.head_dim = 16
+        tcfg.rope_parameters = {**tcfg.rope_parameters, "mrope_section": [2, 3, 3]}
+    tcfg._attn_implementation = "sdpa"
+    dtype = HALF if DEVICE == "cuda" else torch.float32
+    kernel = fused_kernels.resolve("auto", dev)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        layer32 = Qwen2_5_VLDecoderLayer(tcfg, layer_idx=0).float()
+        rotary = Qwen2_5_VLRotaryEmbedding(tcfg)
+    for p in layer32.parameters():  # random weights of a trained layer's scale (the init leaves norms at 1)
+        torch.nn.init.normal_(p, 0.0 if p.dim() > 1 else 1.0, 0.02 if p.dim() > 1 else 0.1)
+    plain = copy.deepcopy(layer32).to(dtype)
+    fused = copy.deepcopy(layer32).to(dtype)
+    if kernel == fused_kernels.LIGER:
+        text = torch.nn.Module()  # apply_fused_kernels patches qwen.model.language_model: layers and final norm
+        text.layers = torch.nn.ModuleList([fused])
+        text.norm = Qwen2_5_VLRMSNorm(tcfg.hidden_size).to(dev, dtype)
+        fused_kernels.apply_fused_kernels(_Wrap(text))
+    tokens = max(16, 4096 // SCALE)
+    gen = torch.Generator(device=dev).manual_seed(5)
+    x = torch.randn(1, tokens, tcfg.hidden_size, device=dev, generator=gen)
+    grad = torch.randn(1, tokens, tcfg.hidden_size, device=dev, generator=gen)
+    positions = torch.arange(tokens, device=dev)[None, None].expand(3, 1, tokens)
+
+    def run(layer, dt):
+        inp = x.to(dt).requires_grad_()
+        cos, sin = rotary(inp, positions)
+        out = layer(inp, position_embeddings=(cos.to(dt), sin.to(dt)), attention_mask=None, position_ids=None)
+        out = out[0] if isinstance(out, tuple) else out
+        (g_in,) = torch.autograd.grad(out, inp, grad.to(dt))
+        return out.detach().float(), g_in.float()
+
+    ref, default, base = run(layer32, torch.float32), run(fused, dtype), run(plain, dtype)
+    row = {"case": "llm_layer", "kernel": kernel, "shape": f"1 x {tokens} tokens, hidden {tcfg.hidden_size}"}
+    errors = {n: (rel(d, r), rel(b, r)) for n, d, b, r in zip(("out", "d_input"), default, base, ref)}
+    return verdict(row, errors, args.factor, args.floor)
+
+
+class _Wrap:
+    """A minimal `qwen` whose `.model.language_model` is the given module (apply_fused_kernels' entry point)."""
+
+    def __init__(self, language_model):
+        self.model = type("M", (), {"language_model": language_model})()
 
 
 def case_vggt(dev, args) -> dict:
@@ -174,39 +236,8 @@ def case_janus(dev, args) -> dict:
     return verdict({"case": "janus_tiny", "shape": "tiny preset, packed batch of 3"}, errors, args.factor, args.floor)
 
 
-CASES = {"llm_varlen": case_llm, "vision_tower": case_vision, "vggt_encoder": case_vggt, "janus_tiny": case_janus}
-
-
-def provenance(argv: list[str]) -> dict:
-    """Commit (VLNFLOW_COMMIT / VLNFLOW_DIRTY when set, else git), card and versions."""
-    info = {"command": " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__}
-    if os.environ.get("VLNFLOW_COMMIT"):  # set by whoever copied the tree (a copy's .git can be stale)
-        info.update(commit=os.environ["VLNFLOW_COMMIT"], dirty=os.environ.get("VLNFLOW_DIRTY"), commit_source="environment")
-    else:
-        info.update(_git_commit())
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    info["card"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
-    info["flash_attn_4"] = fa4.unavailable_reason(torch.device(DEVICE)) or "usable"
-    return info
-
-
-def _git_commit() -> dict:
-    info = {}
-    try:
-        root = Path(__file__).resolve().parents[1]
-        info["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,
-                                            text=True, check=True).stdout.strip())
-        info["commit_source"] = "git"
-    except (OSError, subprocess.CalledProcessError):
-        info.update(commit=None, dirty=None, commit_source="unknown: no git and no VLNFLOW_COMMIT")
-    return info
+CASES = {"llm_varlen": case_llm, "llm_layer": case_llm_layer, "vision_tower": case_vision, "vggt_encoder": case_vggt,
+         "janus_tiny": case_janus}
 
 
 def main() -> int:
@@ -223,7 +254,11 @@ def main() -> int:
     if args.cpu_smoke:
         SCALE, DEVICE = 16, "cpu"
     dev = torch.device(DEVICE)
-    report = {**provenance(sys.argv), "factor": args.factor, "floor": args.floor, "rows": []}
+    from vlnflow.provenance import provenance
+
+    block = provenance({"per_case": 1}, device=dev)
+    report = {**block, "provenance": block, "flash_attn_4": fa4.unavailable_reason(dev) or "usable",
+              "factor": args.factor, "floor": args.floor, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -241,7 +276,7 @@ def main() -> int:
         (out / "check_default_kernels.json").write_text(json.dumps(report, indent=1))
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n## default kernels on {report['card']} (commit {report['commit']}, torch {report['torch']})")
+    print(f"\n## default kernels on {report['card']} (commit {report['commit']}, torch {report['versions']['torch']})")
     for r in report["rows"]:
         if "error" in r:
             print(f"{r['case']:13} ERROR {r['error'][:150]}")

@@ -287,8 +287,11 @@ def main() -> int:
     if reason:
         print(f"flash-attn-4 cannot run here: {reason}")
         return 1
+    from vlnflow.provenance import provenance
+
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "command": " ".join(sys.argv), "rows": [],
-              "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke: current kernels stand in for fa4)"}
+              "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke: current kernels stand in for fa4)",
+              "provenance": provenance({"timed_calls_per_kernel": 5}, device=dev)}
     wanted = [c for c in args.only.split(",") if c] or [c for c in CASES if not (args.cpu_smoke and c == "janus_sync")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,18 +8,26 @@ values (`RandomFeatures` stands in for the cache: their values do not change the
 Cases (one model, reconfigured between cases, so every case runs the same weights):
   old       current kernels (torch varlen), every decoder layer checkpointed, packing and mRoPE
             positions in the training process (collator.pack, model.position_ids), blocking copy;
-  new       flash-attn-4 where it runs, checkpointing per vlnflow.train.memory_plan for an 80 GiB
-            card under ZeRO-2 on 8 GPUs, packing in workers (PackInWorker) + DeviceBatches prefetch;
+  new       flash-attn-4 where it runs, checkpointing per vlnflow.train.memory_plan for an 80 GB
+            (79.6 GiB) card under ZeRO-2 on 8 GPUs, packing in workers (PackInWorker) + DeviceBatches prefetch;
+  new_torch the same with the current kernels (only where flash-attn-4 runs): its share, in one run;
   new_card  the same with the plan for this card without an optimizer (the recompute floor);
   stock_hf  transformers' own Qwen2.5-VL forward + loss (sdpa, stock vision attention; full logits),
-            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed.
-Per micro-batch: CUDA events around forward and backward (no sync inside the timed loop), one
-synchronise at the end; step_s is 0 (no optimizer), rest_s = wall - forward - backward.
+            the micro-batch's samples padded to one [B, T] batch, every layer checkpointed;
+  new_head  `new` with the seed pipeline's action head (model.action_head) attached: its cost.
+The composed model's cases compute the loss terms (per-segment losses) as the trainer does.
+Per micro-batch: CUDA events at the step's start (before its batch is fetched), around forward and
+backward (no sync inside the timed loop), one synchronise at the end; on CPU the same marks by
+perf_counter. Every step keeps its own numbers: step_s (start to the next step's start), forward_s,
+backward_s and rest_s = step_s - forward_s - backward_s OF THAT STEP (host work the GPU waited for:
+fetching, packing, copies), then median / min / max over the steps (vlnflow.timing). FLOPs per step
+from the batch itself (vlnflow.flops: real token counts, sum of squared lengths, label positions,
+image grids); recompute of the checkpointed layers is counted apart from the model FLOPs.
 """
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import time
 import traceback
 
@@ -27,9 +35,11 @@ import numpy as np
 import torch
 
 from vlnflow import fa4
+from vlnflow.model import fused_kernels
+from vlnflow.flops import BatchWork, step_counter
 from vlnflow.model.host_prep import to_device
 from vlnflow.train.data import TrainSamples, keep_items
-from vlnflow.train.memory_plan import GIB, ModelShape, checkpoint_plan, tokens_per_sample
+from vlnflow.train.memory_plan import CARD_GIB, GIB, ModelShape, calibration_for, checkpoint_plan, model_gib, tokens_per_sample
 from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 
 
@@ -54,13 +64,19 @@ def loader(dataset, batches, collate, workers, device):
     )
 
 
-def configure(model, kernel: str, checkpointed) -> None:
-    """Switch the one model between cases: attention kernels and which layers recompute."""
+def configure(model, kernel: str, checkpointed, *, compiled: bool = False, fused: bool = False) -> None:
+    """Switch the one model between cases: attention kernels, compiled vision blocks, Liger's fused LLM kernels
+    and which layers recompute."""
+    from vlnflow.model import fused_kernels
     from vlnflow.model.packed_attention import use_packed_attention
-    from vlnflow.model.vision_fast import use_varlen_vision_attention
+    from vlnflow.model.vision_fast import compile_vision_blocks, use_varlen_vision_attention
 
     use_packed_attention(model.qwen, kernel)
     use_varlen_vision_attention(model.visual, kernel)
+    compile_vision_blocks(model.visual, compile=compiled)
+    fused_kernels.remove_fused_kernels(model.qwen)
+    if fused:
+        fused_kernels.apply_fused_kernels(model.qwen)
     layers = model.qwen.model.language_model.layers
     model.checkpoint_layers(tuple(range(len(layers))))  # installs the checkpoint function on every layer
     for i, layer in enumerate(layers):
@@ -71,8 +87,15 @@ def stock_configure(model) -> None:
     """transformers' own attention everywhere (the vision MLP stays zero-padded: same function)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
-    from vlnflow.model.vision_fast import VarlenVisionAttention
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 
+    from vlnflow.model import fused_kernels
+    from vlnflow.model.vision_fast import SplitVisionBlock, VarlenVisionAttention
+
+    fused_kernels.remove_fused_kernels(model.qwen)
+    for block in model.visual.blocks:
+        if type(block) is SplitVisionBlock:
+            block.__class__ = Qwen2_5_VLVisionBlock
     model.checkpoint_layers(tuple(range(len(model.qwen.model.language_model.layers))))
     for m in model.visual.modules():
         if isinstance(m, VarlenVisionAttention):
@@ -101,7 +124,11 @@ def padded(batch: dict, pad_id: int) -> dict:
 
 
 def timed_loop(step, batches, warmup: int, steps: int, device) -> dict:
-    """Run `step(batch)` (forward + backward, returns (loss, mark_forward_end)); per-step events, one sync."""
+    """Run `step(batch, marks)` (forward + backward; returns (loss, BatchWork)) `steps` times after `warmup`.
+
+    Per step: marks at its start, forward start, forward end, backward end (CUDA events recorded in stream
+    order, or perf_counter on CPU); one synchronise at the end. Returns per-step lists.
+    """
     cuda = device.type == "cuda"
     it = iter(batches)
     for _ in range(warmup):
@@ -109,66 +136,161 @@ def timed_loop(step, batches, warmup: int, steps: int, device) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    marks, losses, samples, tokens = [], [], 0, 0
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    starts, inner, losses, works = [], [], [], []
     t0 = time.perf_counter()
     for _ in range(steps):
+        starts.append(mark())
         batch = next(it)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else [None] * 3
-        loss, n, t = step(batch, ev)
-        marks.append(ev)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else [None] * 3
+        loss, work = step(batch, marks)
+        inner.append(marks)
         losses.append(loss)
-        samples += n
-        tokens += t
+        works.append(work)
+    starts.append(mark())
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    out = {"wall_s": wall, "micro_s": wall / steps, "samples": samples, "tokens": tokens, "steps": steps,
-           "loss_last": float(losses[-1])}
+    span = (lambda a, b: a.elapsed_time(b) / 1e3) if cuda else (lambda a, b: b - a)  # noqa: E731
+    step_s = [span(a, b) for a, b in zip(starts[:-1], starts[1:])]
+    forward_s = [span(m[0], m[1]) for m in inner]
+    backward_s = [span(m[1], m[2]) for m in inner]
+    out = {"wall_s": wall, "steps": steps, "step_s": step_s, "forward_s": forward_s, "backward_s": backward_s,
+           "rest_s": [t - f - b for t, f, b in zip(step_s, forward_s, backward_s)],
+           "step_samples": [w.samples for w in works], "samples": sum(w.samples for w in works), "works": works,
+           "loss_last": float(losses[-1])}  # fmt: skip
     if cuda:
-        out["forward_s"] = statistics.median(a.elapsed_time(b) for a, b, _ in marks) / 1e3
-        out["backward_s"] = statistics.median(b.elapsed_time(c) for _, b, c in marks) / 1e3
         out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     return out
 
 
-def janus_step(model, device, host_side: bool):
-    """step(batch, events) for the composed model; host_side: the old path's pack + copy in the loop."""
+def _mark(marks: list, i: int) -> None:
+    """Record mark i: a CUDA event where the step was given events, else the perf_counter time."""
+    if marks[i] is None or isinstance(marks[i], float):
+        marks[i] = time.perf_counter()
+    else:
+        marks[i].record()
 
-    def step(item, ev):
+
+def janus_step(model, device, host_side: bool):
+    """step(batch, marks) for the composed model; host_side: the old path's pack + copy in the loop."""
+
+    def step(item, marks):
         if host_side:
             items = item
             batch = model._bench_collator.pack([i.encoded for i in items], [i.features for i in items])
+            work = BatchWork.of(batch)
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         else:
             batch, _ = item
+            work = BatchWork.of(batch)  # host lists and shapes only: no device read
         model.zero_grad(set_to_none=True)
-        if ev[0] is not None:
-            ev[0].record()
-        loss = model(batch)
-        if ev[1] is not None:
-            ev[1].record()
+        _mark(marks, 0)
+        loss, _ = model(batch, terms=True)  # as the trainer calls it
+        _mark(marks, 1)
         loss.backward()
-        if ev[2] is not None:
-            ev[2].record()
-        return loss.detach(), len(batch["sample_ids"]), batch["input_ids"].numel()
+        _mark(marks, 2)
+        return loss.detach(), work
 
     return step
 
 
+def vision_step(model, device, host_side: bool = False):
+    """step(batch, marks): the frozen vision tower's forward alone (no grad), as the training step runs it."""
+
+    def step(item, marks):
+        batch, _ = item
+        work = BatchWork.of(batch)
+        _mark(marks, 0)
+        with torch.no_grad():
+            out = model.image_embeddings(batch["pixel_values"], batch["image_grid_thw"], batch.get("vision"))
+        _mark(marks, 1)
+        _mark(marks, 2)
+        return out.float().norm().detach(), work
+
+    return step
+
+
+def llm_only_step(model, device, host_side: bool = False):
+    """janus_step with the vision tower's output replaced by zeros of its shape: the rest of the step alone."""
+    hidden = model.qwen.config.text_config.hidden_size
+    dtype = next(model.merger.parameters()).dtype
+    merge = model.visual.spatial_merge_size ** 2
+
+    def no_tower(pixel_values, image_grid_thw, vision=None):
+        tokens = int((image_grid_thw.prod(-1) // merge).sum())  # host tensor (HOST_KEYS): no device read
+        return torch.zeros(tokens, hidden, device=device, dtype=dtype)
+
+    inner = janus_step(model, device, host_side=False)
+
+    def step(item, marks):
+        model.image_embeddings = no_tower
+        try:
+            return inner(item, marks)
+        finally:
+            del model.image_embeddings
+
+    return step
+
+
+FLOP_OF = {  # which part of vlnflow.flops.training_step a case's packing times
+    "main": lambda f: f["model"], "workers": lambda f: f["model"], "stock": lambda f: f["model"],
+    "vision": lambda f: f["vision"], "llm": lambda f: f["model"] - f["vision"],
+}
+
+
+def check_new_vs_prev(model, dataset, indices, collator, device, fast, plans, compiled, fused, log) -> dict:
+    """Loss and gradients of the new path (compiled vision blocks, Liger) against the previous one on one
+    real-size batch: they must agree to bf16 rounding (rms relative error of the gradients <= 5e-2)."""
+    from vlnflow.model.host_prep import add_host_metadata
+
+    row = {"name": "check_new_vs_prev", "compiled_vision": compiled, "fused_kernels": fused}
+    try:
+        items = [dataset[i] for i in indices]
+        batch = add_host_metadata(collator.pack([i.encoded for i in items], [i.features for i in items]), model.qwen.config)
+        batch = to_device(batch, device)
+        names = ("merger.mlp.0.weight", "qwen.model.language_model.layers.0.mlp.up_proj.weight",
+                 "qwen.model.language_model.layers.27.self_attn.q_proj.weight", "qwen.model.language_model.norm.weight")
+        params = dict(model.named_parameters())
+        got = {}
+        for case, ckpt_plan, comp, fuse in (("prev", plans["prev"], False, False), ("new", plans["new"], compiled, fused)):
+            configure(model, fast, ckpt_plan.checkpointed, compiled=comp, fused=fuse)
+            model.zero_grad(set_to_none=True)
+            loss = model(batch)
+            loss.backward()
+            got[case] = (loss.detach().float(), {n: params[n].grad.detach().float().clone() for n in names if n in params})
+        (lp, gp), (ln, gn) = got["prev"], got["new"]
+        row["loss"] = {"prev": float(lp), "new": float(ln), "abs_diff": float((ln - lp).abs())}
+        row["grad_rms_rel"] = {n: float((gn[n] - gp[n]).norm() / gp[n].norm()) for n in gp}
+        row["ok"] = row["loss"]["abs_diff"] <= 5e-2 * abs(float(lp)) and all(v <= 5e-2 for v in row["grad_rms_rel"].values())
+        if not row["ok"]:
+            row["error"] = "new path differs from prev beyond bf16 rounding"
+    except Exception as exc:
+        row.update({"ok": False, "error": repr(exc)[:500], "trace": traceback.format_exc(limit=5)})
+    model.zero_grad(set_to_none=True)
+    log(f"check_new_vs_prev: {row.get('loss')} {row.get('grad_rms_rel')} {'ok' if row.get('ok') else row.get('error')}")
+    return row
+
+
 def stock_step(model, device, pad_id):
-    def step(items, ev):
+    def step(items, marks):
         packed = model._bench_collator.pack_tokens([i.encoded for i in items])
+        work = BatchWork.of(packed)  # the useful work (same samples as the packed cases), not the padding
         inputs = {k: v.to(device, non_blocking=True) for k, v in padded(packed, pad_id).items()}
         model.zero_grad(set_to_none=True)
-        if ev[0] is not None:
-            ev[0].record()
+        _mark(marks, 0)
         loss = model.qwen(**inputs, use_cache=False).loss
-        if ev[1] is not None:
-            ev[1].record()
+        _mark(marks, 1)
         loss.backward()
-        if ev[2] is not None:
-            ev[2].record()
-        return loss.detach(), len(items), int(packed["input_ids"].numel())
+        _mark(marks, 2)
+        return loss.detach(), work
 
     return step
 
@@ -197,22 +319,42 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
         raise RuntimeError(f"{len(samples)} samples do not fill {n_batches} micro-batches of {per_device}")
     batches = [order[i * per_device : (i + 1) * per_device] for i in range(n_batches)]
     shape = ModelShape.of(model)
+    count = step_counter({**cfg, "model": model_cfg})
     tokens_guess = per_device * tokens_per_sample(geometry.tokens_per_frame, int(cfg["history"]["max_frames"]) + 1)
-    card_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 141.0
+    card_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else CARD_GIB["H200"]
     fast = fa4.FA4 if not fa4.unavailable_reason(device) else "torch"
-    plans = {
-        "new": checkpoint_plan(shape, tokens=tokens_guess, gpus=8, budget_gib=80),
-        # 90 % of this card: the plan's estimate is not exact, and an OOM would lose the case
-        "new_card": checkpoint_plan(shape, tokens=tokens_guess, gpus=1, budget_gib=0.9 * card_gib, optimizer=False),
+    fused = fused_kernels.unavailable_reason(device) is None  # Liger (the gpu extra) on CUDA
+    compiled = device.type == "cuda"  # torch.compile of the frozen vision blocks (model.compile_vision auto)
+    fused_shape = dataclasses.replace(shape, fused=fused)
+    plans = {  # new_torch and llm_only share new's plan
+        "prev": checkpoint_plan(shape, tokens=tokens_guess, gpus=8, budget_gib=CARD_GIB["H100 / H800 80GB"]),
+        "new": checkpoint_plan(fused_shape, tokens=tokens_guess, gpus=8, budget_gib=CARD_GIB["H100 / H800 80GB"]),
+        # 90 % of this card: an OOM would lose the case
+        "new_card": checkpoint_plan(fused_shape, tokens=tokens_guess, gpus=1, budget_gib=0.9 * card_gib, optimizer=False),
     }
+    no_opt = calibration_for(shape, None)
+    every = tuple(range(shape.layers))
+    # (name, attention kernel, checkpointed layers, packing, compiled vision blocks, Liger fused LLM kernels)
     cases = [
-        ("old", "torch", tuple(range(shape.layers)), "main"),
-        ("new", fast, plans["new"].checkpointed, "workers"),
-        ("new_card", fast, plans["new_card"].checkpointed, "workers"),
-        ("stock_hf", "sdpa", tuple(range(shape.layers)), "stock"),
+        ("old", "torch", every, "main", False, False),
+        ("prev", fast, plans["prev"].checkpointed, "workers", False, False),  # the previous version's new path
+        ("new", fast, plans["new"].checkpointed, "workers", compiled, fused),
+        # the same with the current attention kernels: flash-attn-4's share in this run (where flash-attn-4 runs)
+        *([("new_torch", "torch", plans["new"].checkpointed, "workers", compiled, fused)] if fast == fa4.FA4 else []),
+        ("new_card", fast, plans["new_card"].checkpointed, "workers", compiled, fused),
+        ("vision_eager", fast, (), "vision", False, False),  # the frozen tower's forward alone (V1 + V2)
+        *([("vision_compiled", fast, (), "vision", True, False)] if compiled else []),  # + V3
+        ("llm_only", fast, plans["new"].checkpointed, "llm", compiled, fused),  # new without the tower's work
+        ("stock_hf", "sdpa", every, "stock", False, False),
+        ("new_head", fast, plans["new"].checkpointed, "workers", compiled, fused),  # + the seed's action head
     ]
+    from vlnflow.model.objective import ActionHead
+
+    head = ActionHead(model.qwen.config.text_config.hidden_size).to(device, next(model.qwen.parameters()).dtype)
     out = []
-    for name, kernel, ckpt, packing in cases:
+    if wanted is None or "check_new_vs_prev" in wanted:
+        out.append(check_new_vs_prev(model, dataset, batches[0], collator, device, fast, plans, compiled, fused, log))
+    for name, kernel, ckpt, packing, compile_blocks, fuse in cases:
         if wanted and name not in wanted:
             continue
         if deadline - time.perf_counter() < 45:
@@ -220,26 +362,44 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
             log(f"{name}: skipped (time budget)")
             continue
         row = {"name": name, "kernel": kernel, "checkpointed_layers": len(ckpt), "layers": shape.layers, "packing": packing,
-               "per_device_batch": per_device, "grad_accum": 1, "gpus": 1}
+               "per_device_batch": per_device, "grad_accum": 1, "gpus": 1, "compiled_vision": compile_blocks,
+               "fused_kernels": fuse, "preprocess": geometry.mode, "tokens_per_frame": geometry.tokens_per_frame}
         if kernel == "torch" and name.startswith("new"):
             row["note"] = f"flash-attn-4 unavailable: {fa4.unavailable_reason(device)}"
-        if name in plans:
-            row["plan"] = plans[name].describe()
-            row["plan_estimate_gib"] = plans[name].estimate_gib.get("total")  # compare with the measured peak_gib
+        plan = plans.get("new" if name in ("new_torch", "llm_only", "new_head") else name)
+        if plan is not None:
+            row["plan"] = plan.describe()
+            row["plan_estimate_gib"] = plan.estimate_gib.get("total")
+        model.action_head = head if name == "new_head" else None
         try:
             if packing == "stock":
                 stock_configure(model)
                 step = stock_step(model, device, tokenizer.pad_token_id or 0)
                 data = loader(dataset, batches, keep_items, workers, device)
             else:
-                configure(model, kernel, ckpt)
+                configure(model, kernel, ckpt, compiled=compile_blocks, fused=fuse)
                 if packing == "main":
                     step = janus_step(model, device, host_side=True)
                     data = loader(dataset, batches, keep_items, workers, device)
                 else:
-                    step = janus_step(model, device, host_side=False)
+                    step = {"vision": vision_step, "llm": llm_only_step}.get(packing, janus_step)(model, device, host_side=False)
                     data = DeviceBatches(loader(dataset, batches, PackInWorker(collator, model.qwen.config), workers, device), source, device)
-            row.update(timed_loop(step, data, warmup, steps, device))
+            timed = timed_loop(step, data, warmup, steps, device)
+            works = timed.pop("works")
+            row.update(timed)
+            total = sum(works[1:], works[0])
+            row.update({"tokens": total.tokens, "labels": total.labels, "tokens_sq": total.tokens_sq, "images": len(total.image_grids)})
+            row["flop"] = {k: v for k, v in count(total, recomputed_layers=len(ckpt)).items() if k != "llm_forward"}
+            row["flop_per_step"] = [FLOP_OF[packing](count(w, recomputed_layers=len(ckpt))) for w in works]
+            row["flop_counted"] = {"vision": "vision tower forward", "llm": "model minus the vision tower"}.get(packing, "model")
+            # the memory model (no optimizer, as this benchmark runs) for this case, next to the measured peak
+            if packing in ("main", "workers", "llm") and "peak_gib" in row:
+                est = model_gib(dataclasses.replace(shape, fused=fuse), tokens=round(total.tokens / len(works)), gpus=1,
+                                checkpointed=len(ckpt), optimizer=False)
+                shift = no_opt.correction_gib if no_opt else 0.0
+                row["memory_model_gib"] = est["states"] + est["activations"] + shift
+                row["memory_model_calibration_gib"] = shift
+                row["memory_model_error_gib"] = row["memory_model_gib"] - row["peak_gib"]
             row["ok"] = True
         except Exception as exc:  # e.g. out of memory: report it and go on
             row.update({"ok": False, "error": repr(exc)[:500], "trace": traceback.format_exc(limit=5)})

@@ -8,6 +8,11 @@
 #   bash bench/run_h200.sh b    # carry .gpu2: flash-attn-4 wheels + part 2; kernel checks, training step, encoder
 #   bash bench/run_h200.sh c    # nothing carried: export/predict at the 7B shape, cache reads at node scale
 #
+# The device tool copies the working tree without .git: prefix each call with the commit and dirty flag of the
+# checkout it was copied from (`python -m vlnflow.provenance` prints them), e.g.
+#   VLNFLOW_COMMIT=<40 hex> VLNFLOW_DIRTY=0 bash bench/run_h200.sh b
+# so every results JSON's provenance block names the commit (commit_source "env").
+#
 # .gpu1/.gpu2 are made on the CPU machine with `pip download --python-version 3.12 ...` (bench/README
 # of the device tool); the 92 MB cu13 wheel travels unpacked as tar.xz in two parts (64 MiB per call).
 set -uo pipefail
@@ -40,8 +45,8 @@ b)
   python3 -c "from flash_attn.cute import flash_attn_func, flash_attn_varlen_func; print('flash-attn-4 imports')"
   run kernels 170 python3 bench/check_kernels.py --out "$OUT"
   run train 340 python3 bench/bench_train.py --mode fwdbwd --out "$OUT"
-  run spatial 150 python3 bench/bench_spatial.py --batch-sizes 16 --combos compiled:prefix:default --indexed-batch-sizes 16 \
-    --stream-samples 1 --out-json "$OUT/spatial_bench.json"
+  run spatial 240 python3 bench/bench_spatial.py --batch-sizes 16 --combos compiled:prefix:default --indexed-batch-sizes 16 \
+    --out-json "$OUT/spatial_bench.json"
   ;;
 c)
   run export 300 python3 bench/bench_export.py --out "$OUT" --samples 5

@@ -24,7 +24,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, snakemake, jsonschema, h5py, safetensors; print('torch', torch.__version__, 'snakemake', snakemake.__version__)" || exit 1
-card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); import torch; from provenance_hook import card_slug
+card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); import torch; from bench_precompute import card_slug
 print(card_slug(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'))")
 
 log "decode rate per worker (CPU)"

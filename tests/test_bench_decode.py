@@ -30,4 +30,4 @@ def test_quick_run_writes_every_case(tmp_path):
     for case in report["cases"]:
         assert case["frames_per_s"] > 0 and case["kb_per_file"] > 0 and set(case["loader_frames_per_s"]) == {"1"}
         assert 1 <= case["workers_needed"]["10 samples/s"] <= case["workers_needed"]["20 samples/s"]
-    assert report["auto_workers"]["16 cores, 8 jobs"] == 1 and report["provenance"]["torch"]
+    assert report["auto_workers"]["16 cores, 8 jobs"] == 1 and report["provenance"]["versions"]["torch"]

@@ -196,7 +196,7 @@ def test_workflow_benchmark_report_and_html(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True)  # noqa: E731
-    run("vlnflow", "demo-data", "data/demo", "--episodes", "2", "--size", "32x32")
+    run("vlnflow", "demo-data", "data/demo", "--episodes", "2", "--size", "32x24")  # 4:3 like the config's 640x480 frames (crop)
     run("snakemake", "-c", "1", "benchmark_report")
     bench = tmp_path / "results/benchmark"
     table = pd.read_csv(bench / "report.csv").set_index("stage")

@@ -50,6 +50,7 @@ JANUSVLN_FLAGS = {
     "--bf16": ("train.bf16", True),
     "--reference_frame first": ("spatial.reference_frame", "first"),
     "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+    "no action head (upstream's model has none)": ("model.action_head.enabled", False),
 }
 
 
@@ -93,11 +94,21 @@ SEED_FLAGS = {
     "SAVE_TOTAL_LIMIT=4": ("train.keep_last", 4),
     "reference_frame default last": ("spatial.reference_frame", "last"),
     "lam 0.2 (ModelArguments default)": ("model.lam", 0.2),
+    "action_head always built and trained": ("model.action_head.enabled", True),
+    "DISTILL_LOSS_WEIGHT=1.0": ("model.action_head.loss_weight", 1.0),
+    "DISTILL_LOSS_WEIGHT_END unset": ("model.action_head.loss_weight_end", None),
+    "DISTILL_LOSS_WEIGHT_WARMUP_STEPS=0": ("model.action_head.loss_weight_warmup_steps", 0),
+    "subinstruction_weight default 1.0": ("model.segment_weights.subinstruction", 1.0),
+    "desc2d_weight default 1.0": ("model.segment_weights.description_2d", 1.0),
+    "desc3d_weight default 1.0": ("model.segment_weights.description_3d", 1.0),
+    "action_weight default 1.0": ("model.segment_weights.action", 1.0),
 }
 
 # What each preset's samples and frames are: (spatial.preprocess, history.pad, reference frame, prompt style).
 PRESET_SAMPLES = {
     "janusvln_r2r_h800.yaml": ("crop", "none", "first", "action"),  # upstream create_data.py + data_qwen.py
+    "janusvln_base_h800.yaml": ("crop", "none", "first", "action"),
+    "janusvln_extra_h800.yaml": ("crop", "none", "first", "action"),
     "seed_r2r_h800.yaml": ("pad", "repeat_first", "last", "descriptions"),  # the seed's vln_data.py
 }
 
@@ -170,3 +181,55 @@ def test_recipe_reaches_the_optimizer_and_deepspeed():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 8, 64)
     assert warmup_steps(t, total=1000) == 30 and warmup_steps(t, total=1001) == 31  # ceil(0.03 x total), as HF
     assert warmup_steps({**t, "warmup_steps": 5}, total=1000) == 5  # explicit steps win, as HF
+
+
+# ---- JanusVLN's two stages: scripts/train.sh (Base) and scripts/train_extra.sh (Extra) --------------------------
+
+STAGE_SOURCES = {"janusvln_base_h800.yaml": ["r2r", "rxr"], "janusvln_extra_h800.yaml": ["r2r", "rxr", "dagger_r2r", "dagger_rxr", "scalevln"]}
+# train_extra.sh differs from train.sh in these three lines only; every flag of JANUSVLN_FLAGS is the same in both.
+EXTRA_ONLY = {
+    'MODEL_PATH="JanusVLN_Base"': "model.init_from",
+    'DATASETS="train_r2r_rxr_extra"': "dataset.sources",
+    'OUTPUT_DIR="./JanusVLN_Extra"': "train.run",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_SOURCES))
+def test_stage_presets_reproduce_the_scripts(name):
+    path = ROOT / "configs" / name
+    config = load_config(path)
+    header = path.read_text().split("\ndataset:", 1)[0]
+    for flag, (key, value) in JANUSVLN_FLAGS.items():
+        assert _get(config, key) == value, (name, flag, key, _get(config, key))
+        assert key.rsplit(".", 1)[-1] in header, f"{name}: the header does not name {key} ({flag})"
+    assert config["train"]["max_steps"] is None and config["train"]["grad_clip"] * config["train"]["grad_accum"] == 1.0
+    assert [s["name"] for s in config["dataset"]["sources"]] == STAGE_SOURCES[name]
+    assert all("rate" not in s for s in config["dataset"]["sources"])  # train_extra.sh samples no source (no %N)
+    assert config["export"]["layout"] == "janusvln"  # upstream's dagger.sh / evaluation.py load the export
+    if name == "janusvln_extra_h800.yaml":
+        for flag, key in EXTRA_ONLY.items():
+            assert flag in header and key.rsplit(".", 1)[-1] in header, (flag, key)
+        assert config["model"]["init_from"] == "results/export/base_h800" and config["model"]["qwen_path"] is None
+        assert config["train"]["run"] == "extra_h800"
+    else:
+        assert config["model"]["init_from"] is None and config["model"]["qwen_path"]
+        assert config["train"]["run"] == "base_h800"
+
+
+def test_stage_presets_share_the_base_sources_index_shards_and_cache():
+    """The Extra stage adds sources without changing the Base's: same source entries, index settings, shard
+    counts and encoder, so the Base's r2r.* and rxr.* shard files and cache rows stay valid."""
+    from vlnflow.workflow.helpers import index_settings_param, shard_settings_param
+
+    base = load_config(ROOT / "configs" / "janusvln_base_h800.yaml")
+    extra = load_config(ROOT / "configs" / "janusvln_extra_h800.yaml")
+    assert extra["dataset"]["sources"][:2] == base["dataset"]["sources"]
+    for key in ("root", "seed", "prompt_style", "val_fraction", "on_error"):
+        assert base["dataset"][key] == extra["dataset"][key], key
+    for section in ("history", "shards", "spatial", "cache"):  # spatial equal: the same encoder fingerprint
+        assert base[section] == extra[section], section
+    b, e = index_settings_param(base), index_settings_param(extra)
+    assert e["sources"][:2] == b["sources"] and {k: v for k, v in b.items() if k != "sources"} == {k: v for k, v in e.items() if k != "sources"}
+    assert shard_settings_param(extra)["sources"]["r2r"] == shard_settings_param(base)["sources"]["r2r"]
+    # the extra model starts from the base's export
+    assert extra["model"]["init_from"] == f"results/export/{base['train']['run']}"

@@ -73,7 +73,7 @@ def test_model_build_logs_the_kernels_and_refuses_fa4_on_cpu(caplog):
     assert model.qwen.config.text_config._attn_implementation == PACKED_ATTENTION
     vision = [m for m in model.visual.modules() if isinstance(m, VarlenVisionAttention)]
     assert vision and all(m.attention_backend == "torch" for m in vision)
-    assert any("attention kernels: LLM torch varlen" in r.message and "vision tower torch varlen" in r.message for r in caplog.records)
+    assert any("kernels: LLM torch varlen" in r.message and "vision tower torch varlen" in r.message and "model.fused_kernels=auto" in r.message for r in caplog.records)
     with pytest.raises(UserError, match="model.attention"):
         build_model({**MODEL_CFG, "attention": fa4.FA4}, CHANNELS, GRID)
 

@@ -187,3 +187,19 @@ def test_validation_records_show_as_their_own_line_and_leave_the_step_statistics
         assert got[key] == plain[key], key
     assert "  val: step=20 loss=2.5000 action_acc=62.5% samples=61" in report, report
     assert "val:" not in run_once(DATA / "metrics.jsonl")
+
+
+def test_loss_parts_and_head_accuracy_show_as_their_own_lines(tmp_path):
+    """Issue 26: the loss's parts (text, action head with its weight, each answer segment) and the held-out head
+    accuracy; a run without them prints neither."""
+    parts = ('{"step": 31, "max_steps": 1000, "time": 1764250070.0, "s_per_it": 2.2, "loss": 2.31, '
+             '"loss_text_total": 1.92, "loss_action_head": 0.39, "action_head_weight": 1.0, "loss_subinstruction": 1.21, '
+             '"loss_2d": 2.4, "loss_3d": 2.05, "loss_action": 0.08}\n')
+    val = '{"kind": "val", "step": 31, "val_loss": 2.5, "val_action_accuracy": 0.5, "val_action_head_accuracy": 0.75}\n'
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(METRICS) + parts + val)
+    report = run_once(path)
+    assert ("  losses: text=1.9200 head=0.3900 (weight 1) subinstruction=1.2100 2d=2.4000 3d=2.0500 action=0.0800"
+            in report), report
+    assert "head_acc=75.0%" in report
+    assert "losses:" not in run_once(DATA / "metrics.jsonl")

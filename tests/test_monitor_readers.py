@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -119,6 +120,21 @@ def test_parse_log_dict_old_and_new_transformers_forms():
         "loss": 1.885, "lr": 3.75e-05, "epoch": 0.25}
     assert parse_log_dict("{'train_runtime': '8.093', 'train_loss': '1.447', 'epoch': '0.4'}") == {
         "epoch": 0.4, "finished": True}
+
+
+def test_seed_per_segment_log_dict_and_metrics_loss_terms():
+    """Issue 26: the seed's compute_loss logs its per-segment losses as a dict of their own (transformers 4.50 prints
+    floats, 5.x strings); metrics.jsonl carries the same names."""
+    line = ("{'loss_subinstruction': 1.21, 'loss_2d': 2.4, 'loss_3d': 2.05, 'loss_action': 0.08, "
+            "'loss_action_head': 0.39, 'loss_text_total': 1.92, 'epoch': 0.01}")
+    want = {"loss_subinstruction": 1.21, "loss_2d": 2.4, "loss_3d": 2.05, "loss_action": 0.08, "loss_action_head": 0.39,
+            "loss_text_total": 1.92, "epoch": 0.01}
+    assert parse_log_dict(line) == want
+    assert parse_log_dict(line.replace(": 2.4,", ": '2.4',")) == want
+    record = {"step": 3, "loss": 2.31, "loss_text_total": 1.92, "loss_action_head": 0.39, "action_head_weight": 1.0, "loss_2d": 2.4}
+    assert parse_metrics_line(json.dumps(record)) == record
+    with pytest.raises(ValueError, match='"loss_2d" must be a finite number'):
+        parse_metrics_line(json.dumps({"step": 3, "loss_2d": "x"}))
 
 
 def test_seed_log_gives_training_bar_only_plus_cache_lines():

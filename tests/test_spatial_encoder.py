@@ -1,6 +1,7 @@
 """SpatialEncoder public API: from_config, shapes, fingerprint, errors, and the bench smoke run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,13 +132,27 @@ def test_bench_smoke_on_cpu(tmp_path):
         [sys.executable, str(REPO / "bench" / "bench_spatial.py"), "--preset", "tiny", "--image-size", "56",
          "--device", "cpu", "--batch-sizes", "1,2", "--combos", "eager:prefix:default", "--indexed-batch-sizes", "4",
          "--stream-samples", "1", "--iters", "1", "--profile", "--out-json", str(out)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}},
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     cases = [r["case"] for r in report["rows"]]
     assert cases[:4] == ["matmul", "check", "stream_all", "stream_kept"]
-    assert cases.count("batched") == 2 and cases.count("indexed") == 1
+    # crop frames (the default first preparation) drive every row; pad repeats the check and the indexed row
+    assert cases.count("batched") == 2 and cases.count("indexed") == 2 and cases.count("batched_same_samples") == 1
+    assert report["preprocess"] == "crop" and report["input_hw"] == [42, 56] and report["grid"] == [3, 4]
+    pad = [r for r in report["rows"] if r.get("preprocess") == "pad"]
+    assert [r["case"] for r in pad] == ["check", "indexed"] and pad[0]["input_hw"] == [56, 56]
+    prov = report["provenance"]
+    assert prov["card"] == "cpu" and "bench_spatial.py" in prov["command"] and prov["commit_source"] in ("git", "env", "unknown")
+    assert prov["repetitions"]["indexed eager/prefix/default/sdpa B=4"] == 1
+    indexed = next(r for r in report["rows"] if r["case"] == "indexed")
+    # executed FLOPs: DINOv2 once per unique frame (4 steps of one episode: frames 0..3), not the per-sample minimum
+    assert indexed["unique_images"] == 4 and indexed["tflop_executed_per_sample"] < report["tflop_min_per_sample"]
+    assert indexed["mfu_vs_peak"] is None and indexed["mfu_vs_matmul"] > 0 and indexed["ms_per_sample_min"] <= indexed["ms_per_sample"]
+    assert [r["numerator"] for r in report["ratios"]] == ["batched_same_samples", "stream_all", "stream_kept", "indexed"]
+    assert report["ratios"][-1]["what"] == "encode_indexed crop / pad frames, B=4"
     check = report["rows"][1]
     assert check["batched_vs_streaming"]["rms_rel"] < 1e-6 and check["indexed_vs_batched"]["rms_rel"] == 0.0
     assert all(r["ms_per_sample"] > 0 for r in report["rows"] if "ms_per_sample" in r)

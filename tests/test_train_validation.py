@@ -179,8 +179,8 @@ def test_batch_sums_count_a_sample_right_only_when_every_action_token_is():
     run = SimpleNamespace(device=torch.device("cpu"), source=None, collator=collator)
     module = StandIn()
     weights = torch.tensor([1.0, 1.0, 0.0])  # the third is padding
-    loss, tokens, correct, samples, live = _batch_sums(run, module, items, weights).tolist()
-    assert (correct, samples, live) == (1.0, 2.0, 0.0)  # sample 1's miss is outside its action: still right
+    loss, tokens, correct, samples, live, head_correct = _batch_sums(run, module, items, weights).tolist()
+    assert (correct, samples, live, head_correct) == (1.0, 2.0, 0.0, 0.0)  # no action head: nothing counted  # sample 1's miss is outside its action: still right
     supervised = [starts[i] + p for i in range(2) for p, t in enumerate(items[i].encoded.labels) if t != -100 and p > 0]
     assert tokens == len(supervised)
     logits = module.seen[0, torch.tensor(supervised) - 1]

@@ -58,6 +58,21 @@ def partial_cache(full_manifest: Path, out: Path, drop: list[str]) -> Path:
     return out / "manifest.json"
 
 
+def swapped_cache(full_manifest: Path, out: Path, a: str, b: str) -> Path:
+    """A copy of the cache whose manifest points sample `a` at `b`'s row and `b` at `a`'s: a reader that
+    trusts the manifest gets the wrong features for both (the wrong-feature control of the faithfulness tests)."""
+    out.mkdir(parents=True)
+    shutil.copy(full_manifest, out / "manifest.json")
+    table = pd.read_parquet(full_manifest.with_suffix(".parquet"))
+    ia, ib = (int(table.index[table.sample_id == s][0]) for s in (a, b))
+    cols = [c for c in table.columns if c != "sample_id"]
+    table.loc[[ia, ib], cols] = table.loc[[ib, ia], cols].to_numpy()
+    table.to_parquet(out / "manifest.parquet", index=False)
+    for h5 in full_manifest.parent.glob("*.h5"):
+        (out / h5.name).symlink_to(h5)
+    return out / "manifest.json"
+
+
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

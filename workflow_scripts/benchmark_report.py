@@ -13,5 +13,6 @@ write_report(
     run=snakemake.params.run,
     projected_samples=snakemake.params.projected_samples,
     gpus=snakemake.params.gpus,
+    config=snakemake.config,
 )
 log.info("benchmark report: %s", snakemake.output.md)

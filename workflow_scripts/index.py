@@ -1,4 +1,4 @@
-"""Rule index: dataset.root -> samples.parquet, episodes.parquet, skipped.csv (logic: vlnflow.data.index)."""
+"""Rule index: the data set's sources -> samples.parquet, episodes.parquet, skipped.csv (logic: vlnflow.data.index)."""
 
 import logging
 import sys
@@ -20,6 +20,9 @@ try:
             prompt_style=settings["prompt_style"],
             on_error=settings["on_error"],
             shard_count=settings["shard_count"],
+            vlnce_episodes=settings.get("vlnce_episodes"),
+            sources=tuple(settings["sources"]) if settings.get("sources") else None,
+            seed=settings.get("seed", 0),
         ),
         samples_path=snakemake.output.samples,
         episodes_path=snakemake.output.episodes,

@@ -7,10 +7,12 @@ from vlnflow.workflow.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 manifest = snakemake.output[0]
+settings = snakemake.params.settings
 write_shards(
     samples_path=snakemake.input.samples,
     episodes_path=snakemake.input.episodes,
     out_dir=os.path.dirname(manifest),
     manifest_path=manifest,
-    count=snakemake.params.settings["count"],
+    count=settings["count"],
+    source_counts=settings.get("sources"),  # per-source shard counts with dataset.sources
 )

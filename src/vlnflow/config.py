@@ -32,6 +32,11 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
         raise ConfigError(f"config setting '{where}': {error.message}")
+    from vlnflow.data.sources import config_problem
+
+    problem = config_problem(config)  # what a schema cannot say: unique source names, settings that exclude each other
+    if problem is not None:
+        raise ConfigError(f"config setting '{problem[0]}': {problem[1]}")
     return config
 
 

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     est.add_argument("--runs", type=int, default=1, help="training runs over the same data, e.g. a sweep (default 1)")
     est.add_argument("--gpus", type=int, help="GPUs for training and precompute (default: cluster.nodes x gpus_per_node)")
     est.add_argument("--results", default="results", help="where this workspace's measurements live (default: results)")
-    est.add_argument("--docs-rates", action="store_true", help="ignore this workspace's measurements, use docs/benchmarks.md's")
+    est.add_argument("--docs-rates", action="store_true", help="ignore this workspace's measurements, use the committed docs/results rates")
     est.set_defaults(func=run_estimate)
 
 
@@ -55,5 +55,36 @@ def run_estimate(args: argparse.Namespace) -> int:
     decision = Decision(samples, gpus, args.epochs, args.runs, rates, cache_bytes=est.total_bytes)
     lines = [line for line in est.lines() if not line.startswith("GPU time")] + decision.lines()
     lines += [f"left out           {note}" for note in notes]
+    if args.samples is None:
+        lines += per_source_lines(Path(args.index), Path(args.results), est.bytes_per_sample, rates["precompute"].per_gpu)
     print("\n".join(lines))
     return 0
+
+
+def per_source_lines(index: Path, results: Path, bytes_per_sample: int, samples_per_s: float | None) -> list[str]:
+    """Samples, shards, cache bytes (estimated and on disk), samples not cached yet and their GPU-hours,
+    and the rows the last precompute jobs computed vs reused, per source of the index."""
+    from vlnflow.cache.per_source import new_samples_by_shard, shard_samples_from_episodes, source_table
+
+    episodes = index.with_name("episodes.parquet")
+    if not episodes.exists():
+        return []
+    cache = results / "cache"
+    table = source_table(
+        shard_samples_from_episodes(episodes),
+        cache / "manifest.json",
+        sorted((results / "benchmark" / "precompute").glob("*.stats.json")),
+        new_samples_by_shard(index, episodes, cache / "manifest.parquet"),
+    )
+    header = f"{'source':<18} {'samples':>10} {'shards':>6} {'est. bytes':>14} {'cached B':>14} {'new':>9} {'GPU-h new':>9} {'computed':>9} {'reused':>9}"
+    out = ["", "per source (index, cache manifest, last precompute job of each shard):", header]
+    for r in table.itertuples():
+        hours = "" if not samples_per_s else f"{r.new_samples / samples_per_s / 3600:.2f}"
+        cell = lambda v: "" if v != v else f"{int(v):,}"  # noqa: E731 - NaN: not known
+        out.append(
+            f"{r.source:<18} {r.samples:>10,} {r.shards:>6} {r.samples * bytes_per_sample:>14,} {cell(r.cache_bytes):>14} "
+            f"{cell(r.new_samples):>9} {hours:>9} {cell(r.computed):>9} {cell(r.reused):>9}"
+        )
+    out.append("new = indexed samples not in the cache yet: at most what the next precompute_all encodes (rows of "
+               "unchanged samples are reused, cache.reuse)")
+    return out

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vlnflow.cache.loader_workers import loader_workers
+from vlnflow.cache.reuse import RowReuse, reusable_rows_enabled
 from vlnflow.cache.warmup import WarmupTracker
 from vlnflow.cache.writer import ShardWriter
 from vlnflow.errors import DatasetError
@@ -271,6 +272,9 @@ def precompute_shard(
     compiling = bool(getattr(encoder, "compile_blocks", False))  # compiles happen at the first batch, after this
     compile_dir = compile_cache.activate(cache_cfg.get("compile_cache")) if compiling else None
     t0 = time.perf_counter()
+    reuse = None
+    if reusable_rows_enabled(config):  # rows of unchanged samples come from the shard's previous file
+        reuse = RowReuse(out_h5, sample_ids, frames, config["dataset"]["root"], encoder.fingerprint())
     writer = ShardWriter(
         out_h5,
         partial_h5,
@@ -284,9 +288,11 @@ def precompute_shard(
         layer=config["spatial"]["layer"],
     )
     with writer:
+        n_reused = reuse.fill(writer) if reuse else 0
         pending = writer.pending
         batches = make_batches(pending, [len(f) for f in frames], config["spatial"]["batch_size"])
         policy = getattr(encoder, "shapes", None)
+        policy = policy if policy is not None and policy.pads(compiling) else None  # None: batches as they come
         dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, encoder.geometry, policy)
         workers = loader_workers(cache_cfg["loader_workers"], jobs_per_node)
         device = encoder.device
@@ -338,6 +344,8 @@ def precompute_shard(
                 bar.close()
         loop_s = time.perf_counter() - loop_started
         writer.finalize()
+    if reuse:
+        reuse.remember()
     finished = time.perf_counter()
     wall = finished - started
     first_data_s = first_data_s or 0.0
@@ -357,7 +365,8 @@ def precompute_shard(
         "shard": shard_name,
         "samples": len(sample_ids),
         "computed": n_done,
-        "resumed": len(sample_ids) - len(pending),
+        "resumed": len(sample_ids) - len(pending) - n_reused,  # done in the partial file of a killed job
+        "reused": n_reused,  # copied from the shard's previous file (unchanged samples)
         "skipped": n_skipped,
         "frames": int(sum(len(frames[r]) for b in batches for r in b)),
         "batches": len(batches),
@@ -384,8 +393,9 @@ def precompute_shard(
         "loader_workers": workers,
         "compile": {
             "enabled": warmup.compiling,
-            "shapes": getattr(policy, "strategy", None),
-            "frame_bucket": getattr(policy, "frame_bucket", None),
+            "shapes": getattr(getattr(encoder, "shapes", None), "strategy", None),
+            "frame_bucket": getattr(getattr(encoder, "shapes", None), "frame_bucket", None),
+            "padded": policy is not None,
             "cache_dir": str(compile_dir) if compile_dir else None,
             "cache_warm": compile_cache.cache_was_warm(counters) if warmup.compiling else None,
             "first_on_host": warmup.first_turn.first,

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from vlnflow.cache import format as fmt
+from vlnflow.cache import reuse
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def recompute(picks: list[Pick], encoder, root: Path, timing: dict | None = None
     size = max(1, encoder.batch_size)
     groups = [idx[j : j + size] for _, idx in sorted(by_frames.items()) for j in range(0, len(idx), size)]
     policy = getattr(encoder, "shapes", None)
+    if policy is not None and not policy.pads(bool(getattr(encoder, "compile_blocks", False))):
+        policy = None
     for number, group in enumerate(groups):
         frames = torch.stack([torch.stack([load_frame(root / rel, geometry=encoder.geometry) for rel in picks[i].frames]) for i in group])
         if policy is not None:
@@ -167,6 +170,7 @@ def spot_check_cache(
             compile_cache.activate(config["cache"].get("compile_cache"))
         live = recompute(picks, encoder, Path(config["dataset"]["root"]), timing)
     checked: dict[str, list[dict]] = {Path(h).stem: [] for h, _ in shards}
+    files = {Path(h).stem: Path(h) for h, _ in shards}
     for pick, feature in zip(picks, live):
         checked[pick.shard].append(compare(pick, feature))
     for name, records in checked.items():
@@ -174,6 +178,7 @@ def spot_check_cache(
         report["shards"][name] = spot
         if (why := problem(spot, dtypes[name])) is not None:
             report["problems"].append(f"shard {name}: {why}")
+            reuse.forget(files[name])  # rows of a file that fails its live check are never copied into a rebuild
     report["samples_checked"] = len(picks)
     report["ok"] = not report["problems"]
     wall = time.perf_counter() - started

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from vlnflow.cache import format as fmt
+from vlnflow.cache import reuse
 from vlnflow.cache import spot_check as spot
 from vlnflow.cache.spot_check import SPOT_CHECK_TOLERANCE, spot_check_tolerance  # noqa: F401 - part of this module's API
 
@@ -126,7 +127,9 @@ def validate_shard(
     samples are recomputed live (None: config cache.spot_check; the workflow passes 0 and checks every
     shard's samples in one GPU job instead).
     A file that cannot be read (truncated, corrupt chunk) is moved to `quarantine_dir`
-    so that the next `snakemake precompute_all` rebuilds this shard alone.
+    so that the next `snakemake precompute_all` rebuilds this shard alone; a file with any
+    problem is also dropped as the shard's previous rows (vlnflow.cache.reuse), so the
+    rebuild computes every row.
     """
     h5_path, table = Path(h5_path), pd.read_parquet(shard_parquet)
     report = {"shard": h5_path.stem, "file": str(h5_path), "samples": len(table), "problems": []}
@@ -153,6 +156,8 @@ def validate_shard(
             moved = _quarantine(h5_path, Path(quarantine_dir))
             report["quarantined"] = str(moved)
             problems.append(f"moved to {moved}; the next run rebuilds this shard")
+    if problems:  # never copy rows of a file that failed validation into the shard's rebuild
+        reuse.forget(h5_path)
     report["ok"] = not problems
     return report
 

@@ -154,6 +154,27 @@ class ShardWriter:
             self.done[row] = True
         self.file.flush()
 
+    def copy_rows(self, rows: list[int], stored: np.ndarray, scale: np.ndarray | None, cast_errors: tuple[float, float]) -> None:
+        """Store rows taken over as they are from an earlier file of this shard (vlnflow.cache.reuse): the
+        stored values (and fp8 scales) unchanged; `cast_errors` = that file's (max_abs_cast_error,
+        max_row_rel_error), which bound the copied rows' errors. Done only after the data is flushed."""
+        if stored.shape[0] != len(rows) or (self.dtype in fmt.SCALED) != (scale is not None):
+            raise ValueError(f"{len(rows)} rows but {stored.shape[0]} stored feature maps (scales: {scale is not None})")
+        ds = self.file[fmt.FEATURES]
+        for k, row in enumerate(rows):
+            ds[row] = stored[k]
+            if scale is not None:
+                self.file[fmt.SCALE][row] = scale[k]
+        attrs = self.file.attrs
+        attrs["max_abs_cast_error"] = max(float(attrs["max_abs_cast_error"]), cast_errors[0])
+        attrs["max_row_rel_error"] = max(float(attrs.get("max_row_rel_error", 0.0)), cast_errors[1])
+        self.file.flush()
+        done = self.file[fmt.DONE]
+        for row in rows:
+            done[row] = True
+            self.done[row] = True
+        self.file.flush()
+
     def skip(self, row: int, reason: str) -> None:
         """Record that a sample could not be computed (dataset.on_error=skip); it counts as handled."""
         self.file[fmt.ERROR][row] = reason

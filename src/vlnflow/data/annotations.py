@@ -39,11 +39,14 @@ class Entry:
         return f"entry {self.position} (id {self.data.get('id')!r})"
 
 
-def load_entries(path: str) -> list[Entry]:
-    """All entries of an annotations .json (a list) or .jsonl file; DatasetError naming the file or line."""
-    if not os.path.isfile(path):
+def load_entries(path: str, data: list | None = None) -> list[Entry]:
+    """All entries of an annotations .json (a list) or .jsonl file; DatasetError naming the file or line.
+    `data`: the file's JSON list when the caller has read it already."""
+    if data is not None:
+        entries = [Entry(i, item) for i, item in enumerate(data)]
+    elif not os.path.isfile(path):
         raise DatasetError(f"annotations file not found: {path} (dataset.annotations)", path=path)
-    if path.endswith(".jsonl"):
+    elif path.endswith(".jsonl"):
         entries = []
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):

@@ -18,7 +18,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo-data", help="write the demo data set (episode dirs + annotations JSON)")
+    parser = subparsers.add_parser("demo-data", help="write the demo data set (episode dirs, annotations JSON, VLN-CE episodes file, a DAgger-layout set)")
     parser.add_argument("out", help="output folder (data/demo in the Makefile)")
     parser.add_argument("--episodes", type=int, default=14, help="number of episodes (default 14)")
     parser.add_argument("--size", type=_size, default=(640, 480), help="frame size WxH (default 640x480)")
@@ -43,6 +43,6 @@ def run(args) -> int:
                         lengths=args.lengths, texture=args.texture, workers=args.workers)  # fmt: skip
     print(
         f"demo data set: {summary['episodes']} episodes, {summary['samples']} samples, "
-        f"{summary['bytes'] / 1e6:.1f} MB in {args.out}"
+        f"plus {summary['dagger_trajectories']} DAgger-layout trajectories, {summary['bytes'] / 1e6:.1f} MB in {args.out}"
     )
     return 0

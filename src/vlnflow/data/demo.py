@@ -1,12 +1,17 @@
-"""`vlnflow demo-data`: a small, realistic data set in both JanusVLN input formats.
+"""`vlnflow demo-data`: a small, realistic data set in every input layout vlnflow reads.
 
     OUT/episodes/<episode>/step_<idx>_<ACTION>.png|.json, milestones_result.json
     OUT/annotations.json     one {id, conversations, images} entry per step, images relative to OUT
+    OUT/vlnce_train.json.gz  VLN-CE episodes file for OUT/episodes: read with it, the episode
+                             folders are an R2R-CE trajectory set (format vlnce)
+    OUT/dagger/annotations.json, OUT/dagger/images/<video>/rgb/NNN.jpg
+                             a small DAgger-layout trajectory set (format scalevln), other episodes
     OUT/.complete            written last (the Makefile depends on it)
 
 The annotations are made from the episode directories by the index's own reader
 and prompt builders (history H=8, no padding, as JanusVLN's create_data does), so
-indexing either format gives the same frames and targets.
+indexing either format gives the same frames and targets. configs/demo_sources.yaml
+reads OUT/episodes (as vlnce) and OUT/dagger as two sources.
 
 Episode lengths follow a profile: `demo` (3..40 steps, short for tests) or `r2r`
 (R2R-CE-like, 10..120 steps around a mean of ~57: 612,492 training samples over
@@ -18,6 +23,7 @@ a flat drawing (~15 KB); `workers` renders episodes in parallel processes.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -30,12 +36,15 @@ from vlnflow.data import demo_scene as scene
 from vlnflow.data.episode_dirs import MILESTONES, read_episode_dir
 from vlnflow.data.history import history_indices
 from vlnflow.data.prompts import build_answer, build_prompt, resolve_style
-from vlnflow.data.vocabulary import step_filename
+from vlnflow.data.vocabulary import ACTIONS, step_filename
 from vlnflow.errors import UserError
 
 COMPLETE = ".complete"
 EPISODES_DIR = "episodes"
 ANNOTATIONS = "annotations.json"
+VLNCE_EPISODES = "vlnce_train.json.gz"
+DAGGER_DIR = "dagger"
+DAGGER_EPISODES = 4
 ANNOTATION_HISTORY = 8  # JanusVLN create_data's max_history_images
 
 _VERB = {"MOVE_FORWARD": "walk forward", "TURN_LEFT": "turn left", "TURN_RIGHT": "turn right"}
@@ -120,6 +129,57 @@ def write_episode(directory: str, episode_id: str, length: int, seed: int, size:
         json.dump({"episode_id": episode_id, **_milestones(actions, final_mark)}, fh, indent=1)
 
 
+def write_dagger_trajectory(root: str, trajectory_id: int, length: int, seed: int, size: tuple[int, int]) -> dict:
+    """Frames of one DAgger-layout trajectory under root/images/<video>/rgb/NNN.jpg; returns its annotations entry.
+
+    As upstream's dagger.py writes them: actions[0] = -1, actions[k] = the action taken at frame k - 1
+    (an index into STOP, MOVE_FORWARD, TURN_LEFT, TURN_RIGHT), one action per frame."""
+    rng = np.random.default_rng(seed)
+    actions = scene.plan_actions(rng, length)
+    marks = scene.place_landmarks(rng)
+    wall_index = int(rng.integers(len(scene.WALLS)))
+    wall_name = ("beige", "pale blue", "sand", "sage")[wall_index]
+    video = f"demo_scene_R2R_{trajectory_id:06d}"
+    frames_dir = os.path.join(root, "images", video, "rgb")
+    os.makedirs(frames_dir, exist_ok=True)
+    poses = scene.poses(actions)
+    for idx, (action, pose) in enumerate(zip(actions, poses)):
+        image = scene.render(pose, marks, scene.WALLS[wall_index], size, f"dagger {trajectory_id} step {idx} {action}")
+        image.save(os.path.join(frames_dir, f"{idx:03d}.jpg"), quality=85)
+    final = scene.visible(poses[-1], marks)
+    final_mark = final[0][2].name if final else f"{wall_name} wall"
+    return {
+        "id": trajectory_id,
+        "video": f"images/{video}",
+        "instructions": [_milestones(actions, final_mark)["instruction_text"]],
+        "actions": [-1] + [ACTIONS.index(a) for a in actions[:-1]],
+    }
+
+
+def write_dagger_demo(root: str, n_trajectories: int, size: tuple[int, int], seed: int) -> list[dict]:
+    """A DAgger-layout trajectory set (annotations.json + images/) of n short trajectories."""
+    rng = np.random.default_rng(seed + 7919)
+    entries = [
+        write_dagger_trajectory(root, 100 + i, int(rng.integers(3, 13)), seed * 100003 + 50000 + i, size)
+        for i in range(n_trajectories)
+    ]
+    with open(os.path.join(root, ANNOTATIONS), "w") as fh:
+        json.dump(entries, fh, indent=1)
+    return entries
+
+
+def write_vlnce_episodes(path: str, episodes_root: str, episode_ids: list[str]) -> None:
+    """A VLN-CE episodes file ({"episodes": [{episode_id, instruction: {instruction_text}}]}) for the
+    episode folders, with their milestones' instructions; gzip without a timestamp (deterministic bytes)."""
+    episodes = []
+    for episode_id in episode_ids:
+        with open(os.path.join(episodes_root, episode_id, MILESTONES)) as fh:
+            text = json.load(fh)["instruction_text"]
+        episodes.append({"episode_id": episode_id, "trajectory_id": len(episodes), "instruction": {"instruction_text": text}})
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
+        fh.write(json.dumps({"episodes": episodes}).encode())
+
+
 def annotation_entries(episodes_root: str, episode_id: str, prefix: str) -> list[dict]:
     """JanusVLN annotation entries for one episode directory, built with the index's reader and builders."""
     episode = read_episode_dir(episodes_root, episode_id)
@@ -174,7 +234,7 @@ def make_demo(
     if os.path.isdir(out) and os.listdir(out):
         if not force:
             raise UserError(f"demo-data: {out} exists and is not empty; pass --force to replace it")
-        for name in (EPISODES_DIR, ANNOTATIONS, COMPLETE):
+        for name in (EPISODES_DIR, ANNOTATIONS, COMPLETE, VLNCE_EPISODES, DAGGER_DIR):
             path = os.path.join(out, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -197,7 +257,10 @@ def make_demo(
         entries += annotation_entries(root, episode_id, f"{EPISODES_DIR}/")
     with open(os.path.join(out, ANNOTATIONS), "w") as fh:
         json.dump(entries, fh, indent=1)
+    write_vlnce_episodes(os.path.join(out, VLNCE_EPISODES), root, ids)
+    dagger = write_dagger_demo(os.path.join(out, DAGGER_DIR), DAGGER_EPISODES, size, seed)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     with open(os.path.join(out, COMPLETE), "w") as fh:
         fh.write("ok\n")
-    return {"episodes": n_episodes, "samples": len(entries), "bytes": total, "lengths": list(lengths)}
+    return {"episodes": n_episodes, "samples": len(entries), "dagger_trajectories": len(dagger), "bytes": total,
+            "lengths": list(lengths)}

@@ -1,8 +1,11 @@
-"""Which input format dataset.root holds, and where its annotations JSON is.
+"""Which input format a source's root holds, and where its annotations JSON (or VLN-CE episodes file) is.
 
-`dataset.format: auto` looks at the top level of the root only: episode directories
+`format: auto` looks at the top level of the root only: episode directories
 (sub-directories with milestones_result.json) mean the episode format, a JSON file
 means annotations; both at once is ambiguous and must be settled in config.yaml.
+A VLN-CE episodes file (`vlnce_episodes`) means the vlnce format. Whether an
+annotations JSON is create_data.py's per-step output or a ScaleVLN/DAgger
+trajectory list is decided by its first entry when the index reads it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 from vlnflow.data.episode_dirs import MILESTONES
 from vlnflow.errors import UserError
 
-FORMATS = ("auto", "episodes", "annotations")
+FORMATS = ("auto", "episodes", "annotations", "vlnce", "scalevln")
 DEFAULT_ANNOTATIONS = "annotations.json"
 
 
@@ -49,23 +52,35 @@ def _annotations_in(root: str, jsons: list[str]) -> str:
     raise UserError(f"dataset.root {root} holds several JSON files ({', '.join(jsons)}); set dataset.annotations")
 
 
-def detect_format(root: str, fmt: str = "auto", annotations: str | None = None) -> tuple[str, str | None]:
-    """Return ('episodes', None) or ('annotations', path of the JSON); UserError naming the setting otherwise."""
+def detect_format(
+    root: str, fmt: str = "auto", annotations: str | None = None, vlnce_episodes: str | None = None
+) -> tuple[str, str | None]:
+    """Return ('episodes', None), ('annotations' or 'scalevln', path of the JSON) or ('vlnce', path of the
+    VLN-CE episodes file); UserError naming the setting otherwise ('annotations' may still turn out to be
+    a ScaleVLN/DAgger list when read)."""
     check_root(root)
     if fmt not in FORMATS:
         raise UserError(f"dataset.format: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if vlnce_episodes or fmt == "vlnce":
+        if fmt not in ("auto", "vlnce"):
+            raise UserError(f"dataset.vlnce_episodes is set but dataset.format is {fmt!r}; set one or the other")
+        if not vlnce_episodes:
+            raise UserError("dataset.format is 'vlnce' but dataset.vlnce_episodes (VLN-CE's train.json.gz) is not set")
+        if not os.path.isfile(vlnce_episodes):
+            raise UserError(f"dataset.vlnce_episodes: file not found: {vlnce_episodes}")
+        return "vlnce", vlnce_episodes
     if annotations:
         if fmt == "episodes":
             raise UserError("dataset.annotations is set but dataset.format is 'episodes'; set one or the other")
         path = annotations if os.path.isabs(annotations) else os.path.join(root, annotations)
         if not os.path.isfile(path):
             raise UserError(f"dataset.annotations: file not found: {path}")
-        return "annotations", path
+        return ("scalevln" if fmt == "scalevln" else "annotations"), path
     if fmt == "episodes":
         return "episodes", None
     jsons, dirs = _top_level(root)
-    if fmt == "annotations":
-        return "annotations", _annotations_in(root, jsons)
+    if fmt in ("annotations", "scalevln"):
+        return fmt, _annotations_in(root, jsons)
     has_episodes = any(os.path.isfile(os.path.join(root, d, MILESTONES)) for d in dirs)
     if jsons and has_episodes:
         raise UserError(

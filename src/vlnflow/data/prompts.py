@@ -106,3 +106,18 @@ def parse_answer(answer: str) -> tuple[str, str | None, str | None, str | None]:
         return answer.strip(), None, None, None
     sub, d2, d3, action = (part.strip() for part in match.groups())
     return action, sub, d2, d3
+
+
+def structured_answer_spans(answer: str) -> list[int] | None:
+    """Where the four markers of a structured answer start (character offsets into `answer`, in the order
+    SUBINSTRUCTION, 2D_DESCRIPTION, 3D_DESCRIPTION, ACTION); None for any other answer.
+
+    The same match as parse_answer: the markers are the starts of the answer's four lines, so text inside a
+    line that looks like a marker ("... ACTION: ...") does not start a segment.
+    """
+    lead = len(answer) - len(answer.lstrip())
+    match = _STRUCTURED_ANSWER.match(answer.strip())
+    if match is None:
+        return None
+    markers = ("SUBINSTRUCTION: ", "2D_DESCRIPTION: ", "3D_DESCRIPTION: ", "ACTION: ")
+    return [lead + match.start(i + 1) - len(marker) for i, marker in enumerate(markers)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlnflow.errors import UserError
-from vlnflow.export.names import MERGER_PREFIX, qwen_to_disk, to_disk, unpad_vision_mlp
+from vlnflow.export.names import ACTION_HEAD_PREFIX, MERGER_PREFIX, qwen_to_disk, to_disk, unpad_vision_mlp
 from vlnflow.train import checkpoints
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class Consolidated:
-    """The model of one checkpoint: Qwen tensors (disk names), merger tensors (`merger.*`), provenance."""
+    """The model of one checkpoint: Qwen tensors (disk names), merger tensors (`merger.*`), the action head's
+    (`action_head.*`, empty without one), provenance."""
 
     qwen: dict[str, torch.Tensor]
     merger: dict[str, torch.Tensor]
@@ -38,6 +39,7 @@ class Consolidated:
     tag: str
     trained: list[str] = field(default_factory=list)  # disk names that came from the checkpoint
     frozen_from: str = ""
+    action_head: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def select_tag(ckpt_dir: Path, step: int | None) -> str:
@@ -81,11 +83,12 @@ def consolidate(run_dir: Path, model_cfg: dict, step: int | None = None, dtype: 
     device = _base_device(model_cfg, trained_in)
     base = load_qwen(model_cfg, trained_in, device)
     width = base.config.vision_config.intermediate_size
-    qwen, merger, trained = {}, {}, []
+    qwen, merger, head, trained = {}, {}, {}, []
     for name, lazy_tensor in lazy.items():
         disk = to_disk(name)
         tensor = unpad_vision_mlp(disk, lazy_tensor.contiguous(), width).to(dtype)
-        (merger if disk.startswith(MERGER_PREFIX) else qwen)[disk] = tensor
+        part = merger if disk.startswith(MERGER_PREFIX) else head if disk.startswith(ACTION_HEAD_PREFIX) else qwen
+        part[disk] = tensor
         trained.append(disk)
     if not merger:
         raise UserError(f"{ckpt_dir / tag}: the checkpoint holds no merger weights (merger.*): not a vlnflow run")
@@ -99,7 +102,7 @@ def consolidate(run_dir: Path, model_cfg: dict, step: int | None = None, dtype: 
             raise UserError(f"{ckpt_dir / tag}: {disk} has shape {tuple(qwen[disk].shape)}, the base model {tuple(tensor.shape)}")
     source = model_cfg.get("qwen_path") or f"random init (preset {model_cfg.get('preset', 'tiny')}, seed {model_cfg.get('seed', 0)}, {trained_in}, {device})"
     log.info("consolidated %s: %d tensors from the checkpoint, %d frozen ones from %s", tag, len(trained), frozen, source)
-    return Consolidated(qwen, merger, base.config, int(tag[5:]), tag, sorted(trained), str(source))
+    return Consolidated(qwen, merger, base.config, int(tag[5:]), tag, sorted(trained), str(source), head)
 
 
 def _base_device(model_cfg: dict, trained_in: torch.dtype) -> str:

@@ -65,6 +65,19 @@ def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen
     }
 
 
+def action_head_fields(model_cfg: dict, head: dict) -> dict:
+    """config.json fields of the seed's head schedule (its ModelArguments, set on its config) when the run trained a
+    head; a run with the head on whose checkpoint lacks it is an error (it would export a model without one)."""
+    settings = model_cfg.get("action_head") or {}
+    if not settings.get("enabled"):
+        return {}
+    if not head:
+        raise UserError("model.action_head is enabled but the checkpoint holds no action_head.* weights")
+    return {"distill_loss_weight": float(settings.get("loss_weight", 1.0)),
+            "distill_loss_weight_end": settings.get("loss_weight_end"),
+            "distill_loss_weight_warmup_steps": int(settings.get("loss_weight_warmup_steps", 0))}
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -100,11 +113,15 @@ def export_run(
         "vggt_merger_hidden_dim": int(model.merger["merger.mlp.0.weight"].shape[0]),
         "vlnflow": settings,
     }
-    tensors = {**model.qwen, **model.merger}
+    extras.update(action_head_fields(model_cfg, model.action_head))
+    tensors = {**model.qwen, **model.merger, **model.action_head}
     if layout == "hf":
         layout_hf.write_config(model.qwen_config, extras, torch_dtype, partial)
     else:
         layout_janusvln.write_config(model.qwen_config, extras, torch_dtype, partial)
+        if not model.action_head:
+            log.warning("this run trained no action head (model.action_head.enabled false): the seed pipeline's "
+                        "evaluation reads its action from one by default, so run it with use_action_head=False")
         tensors.update(layout_janusvln.vggt_tensors(config["spatial"], torch_dtype))
     index = write_shards(tensors, partial, max_shard_size)
     tokenizer, image_processor = load_processors(model_cfg, frame_geometry(config))

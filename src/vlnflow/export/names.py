@@ -3,14 +3,15 @@
 Qwen's weights are stored the way transformers writes Qwen2.5-VL checkpoints (and the
 released Qwen2.5-VL / JanusVLN checkpoints have them): `model.*` for the language model,
 `visual.*` for the vision tower, `lm_head.*`. The VGGT merger is `merger.*`, the name of
-JanusVLN's `VGGTMerger` attribute, so both layouts use it.
+JanusVLN's `VGGTMerger` attribute, and the seed pipeline's action head `action_head.*` (its
+`nn.Sequential` indices 0, 1, 3), so both layouts use them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vlnflow.model.model_dir import MERGER_PREFIX, VGGT_PREFIX
+from vlnflow.model.model_dir import ACTION_HEAD_PREFIX, MERGER_PREFIX, VGGT_PREFIX
 
 # (prefix inside JanusModel, prefix on disk); the order matters: the first match wins.
 _PREFIXES = (
@@ -18,6 +19,7 @@ _PREFIXES = (
     ("qwen.model.visual.", "visual."),
     ("qwen.lm_head.", "lm_head."),
     ("merger.", MERGER_PREFIX),
+    ("action_head.", ACTION_HEAD_PREFIX),
 )
 
 
@@ -26,7 +28,7 @@ def to_disk(name: str) -> str:
     for inside, disk in _PREFIXES:
         if name.startswith(inside):
             return disk + name[len(inside) :]
-    raise KeyError(f"parameter {name!r} is neither part of the Qwen model nor of the merger")
+    raise KeyError(f"parameter {name!r} is not part of the Qwen model, the merger or the action head")
 
 
 def qwen_to_disk(name: str) -> str:

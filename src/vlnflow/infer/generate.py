@@ -23,7 +23,7 @@ def prompt_only(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
     """(the sample cut before its answer, the answer's token ids) from a training-encoded sample."""
     start = next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
     prompt = EncodedSample(sample.sample_id, sample.input_ids[:start], [IGNORE_INDEX] * start,
-                           sample.pixel_values, sample.image_grid_thw)
+                           sample.pixel_values, sample.image_grid_thw, [], sample.action)
     return prompt, sample.input_ids[start:]
 
 

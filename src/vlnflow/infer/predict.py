@@ -7,6 +7,11 @@ VGGT settings (weights: the export's `vggt.aggregator.*` when it has them, else
 `spatial.weights` / the seeded init it records), and each sample's prompt is built by
 the training Collator. The answer is decoded greedily; its ACTION (the bare action, or
 the ACTION line of a structured answer) is compared with the label's.
+
+`--head action` (the default for a model trained with the seed's action head) also reads the
+action from the head, as the seed pipeline's evaluation does: one forward pass over the prompt,
+argmax at its last token, no decoding. Both actions are printed, each with its accuracy and
+latency (the model's seconds per sample; preparing the sample is timed apart).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import pandas as pd
 import torch
 
 from vlnflow.data.prompts import parse_answer
-from vlnflow.data.vocabulary import canonical_action
+from vlnflow.data.vocabulary import ACTIONS, canonical_action
 from vlnflow.errors import UserError
 
+HEADS = ("action", "text")
 
 
 @dataclass
@@ -37,7 +43,12 @@ class Prediction:
     label_action: str | None
     correct: bool
     spatial: str  # cached | live
-    seconds: float
+    seconds: float  # the whole sample: preparation, head (if read) and decoding
+    text_seconds: float = 0.0  # greedy decoding (prompt forward included)
+    prepare_seconds: float = 0.0  # frames, tokens, spatial features
+    head_action: str | None = None  # --head action: the action head's argmax
+    head_correct: bool | None = None  # head_action == the sample's action
+    head_seconds: float | None = None  # the head's one forward pass
 
 
 def answer_action(text: str) -> str | None:
@@ -56,7 +67,13 @@ class Predictor:
     parts, so a model still in memory (the training engine's module) answers the same way.
     """
 
-    def __init__(self, model, tokenizer, collator, source, max_new_tokens: int = 128):
+    def __init__(self, model, tokenizer, collator, source, max_new_tokens: int = 128, head: str = "text"):
+        if head not in HEADS:
+            raise UserError(f"--head must be one of {HEADS}, got {head!r}")
+        if head == "action" and getattr(model, "action_head", None) is None:
+            raise UserError("--head action: this model has no action head (it was trained with model.action_head.enabled "
+                            "false); use --head text")
+        self.head = head
         self.model = model
         self.tokenizer = tokenizer
         self.collator = collator
@@ -70,7 +87,7 @@ class Predictor:
 
     @classmethod
     def from_export(cls, model_dir: str | Path, *, device: str | None = None, cache: str | Path | None = None,
-                    dataset_root: str | Path | None = None, max_new_tokens: int = 128) -> Predictor:
+                    dataset_root: str | Path | None = None, max_new_tokens: int = 128, head: str | None = None) -> Predictor:
         from vlnflow.model.model_dir import open_model_dir, vggt_state
         from vlnflow.model.batching import Collator
         from vlnflow.model.loading import build_model, load_processors
@@ -95,7 +112,8 @@ class Predictor:
         collator = Collator(tokenizer, image_processor, geometry, dataset_root=root)
         source = SpatialSource({"spatial": spatial_cfg}, cache, expected_fingerprint=settings["encoder_fingerprint"],
                                encoder=_encoder_from_export(spatial_cfg, vggt_state(exported)))
-        return cls(model, tokenizer, collator, source, max_new_tokens)
+        head = head or ("action" if model.action_head is not None else "text")
+        return cls(model, tokenizer, collator, source, max_new_tokens, head)
 
     def predict_rows(self, rows: list[dict]):
         """Yield a Prediction per row; frames, tokens and cached features come from the trainer's TrainSamples."""
@@ -109,15 +127,33 @@ class Predictor:
             prompt, answer_ids = prompt_only(item.encoded)
             features = item.features if item.features is not None else self.source.encode_live(item.vggt_frames).cpu()
             batch = self.collator.pack([prompt], [features])
+            prepared = time.perf_counter()
+            head_action = head_correct = head_seconds = None
+            if self.head == "action":
+                head_action = read_head(self.model, batch)
+                head_seconds = time.perf_counter() - prepared
+                head_correct = head_action == ACTIONS[item.encoded.action]
+            decoding = time.perf_counter()
             tokens = greedy_decode(self.model, batch, self.stop_ids, self.max_new_tokens)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            done = time.perf_counter()
             answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
             label = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
             action, label_action = answer_action(answer), answer_action(label)
             yield Prediction(item.encoded.sample_id, answer, label, action, label_action,
                              action is not None and action == label_action,
-                             "live" if item.features is None else "cached", time.perf_counter() - started)
+                             "live" if item.features is None else "cached", done - started,
+                             done - decoding, prepared - started, head_action, head_correct, head_seconds)
+
+
+@torch.no_grad()
+def read_head(model, batch: dict) -> str:
+    """The action head's action for the one prompt in `batch` (a Collator.pack of one sample without labels):
+    one forward pass, the head at the last prompt token, argmax; as the seed's evaluation (use_action_head)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return ACTIONS[int(model.action_logits(batch)[0].argmax())]
 
 
 def _encoder_from_export(spatial_cfg: dict, state: dict | None):
@@ -144,9 +180,17 @@ def read_samples(path: str | Path, n: int | None) -> list[dict]:
 
 
 def summary(predictions: list[Prediction]) -> dict:
+    """Accuracy and mean latency of the decoded text's action and, when read, of the head's."""
+    n = len(predictions)
     correct = sum(p.correct for p in predictions)
-    return {"n": len(predictions), "correct": correct, "action_accuracy": correct / len(predictions),
-            "mean_seconds": sum(p.seconds for p in predictions) / len(predictions)}
+    out = {"n": n, "correct": correct, "action_accuracy": correct / n,
+           "mean_seconds": sum(p.seconds for p in predictions) / n,
+           "text_mean_seconds": sum(p.text_seconds for p in predictions) / n}
+    if all(p.head_action is not None for p in predictions):
+        head_correct = sum(bool(p.head_correct) for p in predictions)
+        out.update({"head_correct": head_correct, "head_action_accuracy": head_correct / n,
+                    "head_mean_seconds": sum(p.head_seconds for p in predictions) / n})
+    return out
 
 
 def add_parser(subparsers) -> None:
@@ -159,6 +203,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset-root", help="root the samples' frame paths are relative to (default: the one the run trained on)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--head", choices=HEADS, help="action: also read the action from the action head (one forward, no "
+                   "decoding), as the seed's evaluation does; text: decode only (default: action when the model has a head)")
     p.add_argument("--json", action="store_true", help="one JSON object (samples + summary) instead of the table")
     p.set_defaults(func=run)
 
@@ -166,13 +212,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     predictor = Predictor.from_export(args.model, device=args.device, cache=args.cache, dataset_root=args.dataset_root,
-                          max_new_tokens=args.max_new_tokens)
+                                      max_new_tokens=args.max_new_tokens, head=args.head)
     predictions = []
     for pred in predictor.predict_rows(read_samples(args.samples, args.n)):
         predictions.append(pred)
         if not args.json:
             mark = "ok " if pred.correct else "-- "
-            print(f"{mark}{pred.sample_id}  predicted: {_one_line(pred.answer)!r}  label: {_one_line(pred.label)!r}")
+            head = "" if pred.head_action is None else f"  head: {pred.head_action} ({'ok' if pred.head_correct else '--'})"
+            print(f"{mark}{pred.sample_id}  predicted: {_one_line(pred.answer)!r}  label: {_one_line(pred.label)!r}{head}")
     result = summary(predictions)
     if args.json:
         json.dump({"samples": [asdict(p) for p in predictions], **result}, sys.stdout, indent=2)
@@ -180,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"action accuracy: {result['correct']}/{result['n']} = {100 * result['action_accuracy']:.1f}% "
               f"({result['mean_seconds']:.3f} s per sample)")
+        print(f"text:  {result['correct']}/{result['n']} = {100 * result['action_accuracy']:.1f}%, "
+              f"{result['text_mean_seconds']:.4f} s per sample (greedy decoding, up to {args.max_new_tokens} tokens)")
+        if "head_action_accuracy" in result:
+            print(f"head:  {result['head_correct']}/{result['n']} = {100 * result['head_action_accuracy']:.1f}%, "
+                  f"{result['head_mean_seconds']:.4f} s per sample (one forward pass)")
     return 0
 
 

@@ -8,20 +8,26 @@ wrongly at batch > 1. The fused image embeddings are scattered into inputs_embed
 and the 3-D mRoPE positions come from `model.model.get_rope_index` per sample
 (passing inputs_embeds without them silently gives wrong positions). The loss runs
 lm_head only at label positions, in fp32: no [T, vocab] logits.
+
+The objective (vlnflow.model.objective) weights the label tokens by answer segment and, with
+`action_head` (the seed pipeline's parallel head), adds its cross-entropy on the hidden state
+just before each sample's first label token (`head_positions`, set per packed sample by the
+Collator; the last prompt token at inference).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vlnflow.model.host_prep import packed_position_ids, vision_kwargs
+from vlnflow.model.objective import Objective, objective_loss
 from vlnflow.model.packed_attention import is_packed
 from vlnflow.model.spatial_merger import SpatialMerger
 
 
 class JanusModel(nn.Module):
-    """Qwen2.5-VL + SpatialMerger; `forward(batch) -> loss` (mean CE over the batch's label tokens)."""
+    """Qwen2.5-VL + SpatialMerger (+ the seed's action head); `forward(batch) -> loss` (vlnflow.model.objective:
+    the mean CE over the batch's label tokens when every segment weighs 1 and there is no head)."""
 
     def __init__(
         self,
@@ -31,10 +37,14 @@ class JanusModel(nn.Module):
         lam: float = 0.2,
         freeze_vision: bool = True,
         train_visual_merger: bool = False,
+        action_head: nn.Module | None = None,
+        objective: Objective | None = None,
     ):
         super().__init__()
         self.qwen = qwen
         self.merger = merger
+        self.action_head = action_head  # always trained when present (the seed's set_model)
+        self.objective = objective or Objective()
         self.spatial_grid = (int(spatial_grid[0]), int(spatial_grid[1]))
         self.lam = float(lam)
         self.freeze_vision = freeze_vision
@@ -162,8 +172,30 @@ class JanusModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def action_logits(self, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 4] head logits (STOP, MOVE_FORWARD, TURN_LEFT, TURN_RIGHT) at each sample's `head_positions`."""
+        if self.action_head is None:
+            raise ValueError("this model has no action head (model.action_head.enabled is false)")
+        if hidden is None:
+            hidden = self.hidden_states(batch)
+        return self.action_head(hidden[0, batch["head_positions"].to(hidden.device)])
+
+    def forward(self, batch: dict, terms: bool = False):
+        """The micro-batch's loss; with `terms`, (loss, detached vlnflow.model.objective.TERMS tensor).
+
+        `batch["optimizer_step"]` (finished optimizer steps, set by the trainer) drives the head's weight ramp.
+        """
         hidden = self.hidden_states(batch)
         positions = batch["label_positions"].to(hidden.device)
         logits = self.qwen.lm_head(hidden[0, positions - 1]).float()
-        return F.cross_entropy(logits, batch["labels"][0, positions].to(hidden.device))
+        targets = batch["labels"][0, positions].to(hidden.device)
+        segments = batch.get("label_segments")
+        head_logits = actions = None
+        if self.action_head is not None:
+            head_logits = self.action_logits(batch, hidden)
+            actions = batch["action_labels"].to(hidden.device)
+        loss, parts = objective_loss(
+            self.objective, logits, targets, None if segments is None else segments.to(hidden.device),
+            head_logits, actions, int(batch.get("optimizer_step", 0)), want_terms=terms,
+        )
+        return (loss, parts) if terms else loss

@@ -18,8 +18,10 @@ import logging
 import torch
 
 from vlnflow import fa4
+from vlnflow.model import fused_kernels
 from vlnflow.config import ConfigError
 from vlnflow.model.janus import JanusModel
+from vlnflow.model.objective import ActionHead, Objective
 from vlnflow.model.packed_attention import use_packed_attention
 from vlnflow.model.spatial_merger import SpatialMerger
 from vlnflow.model.tiny import (
@@ -75,6 +77,22 @@ def load_processors(model_cfg: Mapping[str, Any], geometry: FrameGeometry):
     return tokenizer, build_image_processor(geometry.qwen_hw, base=base)
 
 
+def qwen_config(model_cfg: Mapping[str, Any]):
+    """The Qwen2.5-VL config of qwen_path or the random-init preset, without building weights (FLOP counts);
+    None with model.init_from (its config is read when the model is built)."""
+    if model_cfg.get("init_from"):
+        return None
+    path = _qwen_dir(model_cfg)
+    if path is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
+    if model_cfg.get("preset", "tiny") == "qwen2.5-vl-7b":
+        return qwen7b_config(special_token_ids(tokenizer))
+    return tiny_config(tokenizer, _tiny_sizes(model_cfg))
+
+
 def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, device=None):
     """Qwen2_5_VLForConditionalGeneration with sdpa attention, from qwen_path or random per preset."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -87,13 +105,8 @@ def load_qwen(model_cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, 
             path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
         )
     else:
-        tokenizer = build_tiny_tokenizer(_tiny_sizes(model_cfg)["vocab_size"])
-        if model_cfg.get("preset", "tiny") == "qwen2.5-vl-7b":
-            config = qwen7b_config(special_token_ids(tokenizer))
-        else:
-            config = tiny_config(tokenizer, _tiny_sizes(model_cfg))
         with torch.device(device or "cpu"):
-            model = random_qwen(config, int(model_cfg.get("seed", 0)), dtype)
+            model = random_qwen(qwen_config(model_cfg), int(model_cfg.get("seed", 0)), dtype)
     return model.to(device) if device is not None else model
 
 
@@ -111,15 +124,24 @@ def build_model(
     qwen = load_qwen(model_cfg, dtype, device)
     vision = "transformers' own (vision_fast off)"
     if model_cfg.get("vision_fast", True):
-        apply_vision_fast(qwen.model.visual, attention=kernel)
-        vision = f"{kernel} varlen"
+        compiled = vision_compile(model_cfg, device)
+        apply_vision_fast(qwen.model.visual, attention=kernel, compile=compiled)
+        vision = f"{kernel} varlen" + (", blocks torch.compile'd" if compiled else "")
     llm = "sdpa (transformers' block-diagonal mask)"
     if model_cfg.get("llm_attention", "varlen") == "varlen":
         use_packed_attention(qwen, kernel)
         llm = f"{kernel} varlen, causal per sample" + ("" if kernel == fa4.FA4 else " (flash on CUDA, SDPA elsewhere)")
-    log.info("attention kernels: LLM %s; vision tower %s (model.attention=%s)", llm, vision, model_cfg.get("attention", "auto"))
+    fused = fused_kernels.resolve(model_cfg.get("fused_kernels", "auto"), device)
+    if fused == fused_kernels.LIGER:
+        counts = fused_kernels.apply_fused_kernels(qwen)
+        llm += f"; Liger RMSNorm x{counts['rms_norm']}, SwiGLU x{counts['swiglu']}, RoPE x{counts['rope']}"
+    log.info("kernels: LLM %s; vision tower %s (model.attention=%s, model.fused_kernels=%s)", llm, vision,
+             model_cfg.get("attention", "auto"), model_cfg.get("fused_kernels", "auto"))
     merger = _build_merger(model_cfg, spatial_channels, qwen.config.text_config.hidden_size)
     merger.to(device=device or "cpu", dtype=dtype)
+    head = _build_action_head(model_cfg, qwen.config)
+    if head is not None:
+        head.to(device=device or "cpu", dtype=dtype)
     return JanusModel(
         qwen,
         merger,
@@ -127,7 +149,51 @@ def build_model(
         lam=float(model_cfg.get("lam", 0.2)),
         freeze_vision=bool(model_cfg.get("freeze_vision", True)),
         train_visual_merger=bool(model_cfg.get("train_visual_merger", False)),
+        action_head=head,
+        objective=Objective.from_model_config(model_cfg),
     )
+
+
+def vision_compile(model_cfg: Mapping[str, Any], device) -> bool:
+    """`model.compile_vision`: auto compiles the frozen tower's blocks on CUDA (vlnflow.model.vision_fast V3)."""
+    setting = model_cfg.get("compile_vision", "auto")
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"config setting 'model.compile_vision' must be auto, true or false, got {setting!r}")
+    if setting == "auto":
+        return device is not None and torch.device(device).type == "cuda"
+    return bool(setting)
+
+
+def _build_action_head(model_cfg: Mapping[str, Any], qwen_config) -> ActionHead | None:
+    """The seed's action head when model.action_head.enabled: from model.init_from's `action_head.*` when the
+    directory has them, else a seeded fresh init (as the seed's from_pretrained inits a head the weights lack)."""
+    if not (model_cfg.get("action_head") or {}).get("enabled"):
+        if model_cfg.get("init_from"):
+            from vlnflow.model.model_dir import ACTION_HEAD_PREFIX
+
+            if _init_dir(model_cfg).has(ACTION_HEAD_PREFIX):
+                log.info("model.init_from %s has an action head; model.action_head.enabled is false: it is not used",
+                         model_cfg["init_from"])
+        return None
+    hidden = qwen_config.text_config.hidden_size
+    std = float(getattr(qwen_config.text_config, "initializer_range", None) or getattr(qwen_config, "initializer_range", 0.02))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("seed", 0)) + 2)
+        head = ActionHead(hidden, std)
+    if model_cfg.get("init_from"):
+        from vlnflow.model.model_dir import action_head_state
+
+        model_dir = _init_dir(model_cfg)
+        state = action_head_state(model_dir)
+        if state is None:
+            log.warning("model.init_from %s has no action_head.* tensors: the action head starts from a fresh init",
+                        model_dir.path)
+            return head
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"config setting 'model.init_from': {model_dir.path} action head does not fit: {exc}") from exc
+    return head
 
 
 def attention_kernel(model_cfg: Mapping[str, Any], device, dtype: torch.dtype) -> str:

@@ -6,7 +6,8 @@ what it reads. Weights are sharded safetensors with transformers' naming, `model
 `metadata.vlnflow_sha256`). Every shard is checked first (exists, opens, holds what the index lists, matches its
 recorded sha256), so a corrupt or truncated file is an error naming it, never a half-loaded model. Qwen's part is
 loaded by transformers' own `from_pretrained` (it reads both config formats and the legacy tensor names);
-`merger.*` becomes the VGGT merger, `vggt.aggregator.*` (when present) the spatial encoder's weights.
+`merger.*` becomes the VGGT merger, `vggt.aggregator.*` (when present) the spatial encoder's weights,
+`action_head.*` (when present) the seed pipeline's action head.
 safetensors only: no pickle.
 """
 
@@ -30,6 +31,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MERGER_PREFIX = "merger."  # JanusVLN's VGGTMerger attribute name, in both layouts
 VGGT_PREFIX = "vggt.aggregator."
+ACTION_HEAD_PREFIX = "action_head."  # the seed pipeline's parallel action head, in both layouts
 
 
 class ExportError(UserError):
@@ -180,7 +182,7 @@ def load_qwen_from_dir(model_dir: ModelDir, dtype: torch.dtype, device=None):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists merger.* / vggt.* as unexpected: checked below instead
+    hf_logging.set_verbosity_error()  # its load report lists merger.* / vggt.* / action_head.* as unexpected: checked below
     try:
         placement = {"device_map": {"": str(torch.device(device))}} if device is not None else {}
         model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -192,7 +194,7 @@ def load_qwen_from_dir(model_dir: ModelDir, dtype: torch.dtype, device=None):
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("inv_freq")]
     if missing:
         raise ExportError(f"{model_dir.path}: {len(missing)} Qwen2.5-VL tensors missing, e.g. {sorted(missing)[0]!r}")
-    foreign = [k for k in info.get("unexpected_keys", []) if not k.startswith((MERGER_PREFIX, "vggt."))]
+    foreign = [k for k in info.get("unexpected_keys", []) if not k.startswith((MERGER_PREFIX, "vggt.", ACTION_HEAD_PREFIX))]
     if foreign:
         raise ExportError(f"{model_dir.path}: unexpected tensors, e.g. {sorted(foreign)[0]!r}")
     return model
@@ -201,6 +203,11 @@ def load_qwen_from_dir(model_dir: ModelDir, dtype: torch.dtype, device=None):
 def merger_state(model_dir: ModelDir) -> dict[str, torch.Tensor]:
     """The VGGT merger's `ln_q.*` / `mlp.*` tensors."""
     return model_dir.tensors(MERGER_PREFIX)
+
+
+def action_head_state(model_dir: ModelDir) -> dict[str, torch.Tensor] | None:
+    """The action head's `0.*`, `1.*`, `3.*` tensors (a vlnflow export trained with it, or the seed's checkpoints), or None."""
+    return model_dir.tensors(ACTION_HEAD_PREFIX) if model_dir.has(ACTION_HEAD_PREFIX) else None
 
 
 def vggt_state(model_dir: ModelDir) -> dict[str, torch.Tensor] | None:

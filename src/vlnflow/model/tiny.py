@@ -67,6 +67,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "vision_intermediate": 60,
     "vision_window": 56,
     "vision_fullatt_blocks": [1],
+    "initializer_range": 0.02,
 }
 
 
@@ -160,6 +161,7 @@ def tiny_config(tokenizer, sizes: dict[str, Any] | None = None) -> Qwen2_5_VLCon
         "bos_token_id": ids["bos_token_id"],
         "eos_token_id": ids["eos_token_id"],
         "pad_token_id": ids["pad_token_id"],
+        "initializer_range": s["initializer_range"],
     }
     vision = {
         "depth": s["vision_depth"],

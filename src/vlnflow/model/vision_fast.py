@@ -13,6 +13,13 @@ picks a slow align-2 kernel. Here:
 
 `apply_vision_fast(visual, attention)` applies both in place to a loaded tower; `attention`
 "flash_attn_4" runs V1 on flash-attn-4's varlen kernel, "torch" on torch's (vlnflow.varlen).
+
+V3, `compile_vision_blocks(visual)`: the tower is frozen and its elementwise work (float32 rotary
+upcast, RMSNorms, SiLU-mul, residual adds) took about two thirds of its kernel time on an H100
+(docs/design.md). Each block becomes three calls: a torch.compile'd function for norm1 + qkv +
+rotary, the varlen attention (not compiled: flash-attn-4 is opaque to the compiler), and a compiled
+function for proj + residual + norm2 + MLP + residual. Two graphs with dynamic shapes serve all 32
+blocks and any number of frames (`compile_stats()` counts their compilations). Same math as V1+V2.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLMLP,
     Qwen2_5_VLVisionAttention,
+    Qwen2_5_VLVisionBlock,
     apply_rotary_pos_emb_vision,
 )
 
@@ -50,6 +58,64 @@ class VarlenVisionAttention(Qwen2_5_VLVisionAttention):
         out = varlen_attention(query, key, value, cu_seqlens, max_seqlen, causal=False, scale=self.scaling,
                                backend=self.attention_backend)
         return self.proj(out.reshape(seq_length, -1))
+
+
+def _pre_attention(block: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """norm1 -> qkv -> rotary: (q, k, v), each (T, heads, head_dim), as the tower computes them."""
+    attn = block.attn
+    x = block.norm1(hidden)
+    q, k, v = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v
+
+
+def _post_attention(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """proj + residual, then norm2 -> MLP + residual."""
+    hidden = hidden + block.attn.proj(out.reshape(hidden.shape[0], -1))
+    return hidden + block.mlp(block.norm2(hidden))
+
+
+class SplitVisionBlock(Qwen2_5_VLVisionBlock):
+    """A vision block as (compiled) pre-attention, varlen attention, (compiled) post-attention (V3)."""
+
+    pre_fn = staticmethod(_pre_attention)
+    post_fn = staticmethod(_post_attention)
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+        cos, sin = position_embeddings
+        q, k, v = self.pre_fn(self, hidden_states, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=self.attn.scaling,
+                               backend=getattr(self.attn, "attention_backend", "torch"))
+        return self.post_fn(self, hidden_states, out)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compile_vision_blocks(visual: nn.Module, compile: bool = True) -> int:
+    """V3: every vision block split around its attention, the two other parts torch.compile'd (shared by all
+    blocks, dynamic shapes); `compile=False` keeps the split in eager mode (same math). Returns the block count.
+
+    Needs V1 first (each block's attention module carries its kernel choice)."""
+    if compile and not _COMPILED:
+        _COMPILED["pre"] = torch.compile(_pre_attention, dynamic=True)
+        _COMPILED["post"] = torch.compile(_post_attention, dynamic=True)
+    count = 0
+    for block in visual.blocks:
+        if type(block) not in (Qwen2_5_VLVisionBlock, SplitVisionBlock):
+            raise TypeError(f"compile_vision_blocks: unexpected vision block type {type(block).__name__}")
+        block.__class__ = SplitVisionBlock
+        block.pre_fn = _COMPILED["pre"] if compile else _pre_attention
+        block.post_fn = _COMPILED["post"] if compile else _post_attention
+        count += 1
+    return count
+
+
+def compile_stats() -> dict:
+    """Frames compiled by torch.compile so far (all of them, vision and others), for the logs and benchmarks."""
+    from torch._dynamo.utils import counters
+
+    return {"frames_compiled": int(counters["stats"]["unique_graphs"]), "calls_captured": int(counters["stats"]["calls_captured"])}
 
 
 def use_varlen_vision_attention(visual: nn.Module, backend: str = "torch") -> int:
@@ -85,10 +151,13 @@ def pad_vision_mlp(visual: nn.Module, multiple: int = 64) -> int:
     return width
 
 
-def apply_vision_fast(visual: nn.Module, multiple: int = 64, attention: str = "torch") -> nn.Module:
-    """Apply V1 (varlen attention on `attention`'s kernel) and V2 (MLP padded to `multiple`) in place."""
+def apply_vision_fast(visual: nn.Module, multiple: int = 64, attention: str = "torch", compile: bool = False) -> nn.Module:
+    """Apply V1 (varlen attention on `attention`'s kernel), V2 (MLP padded to `multiple`) and, with
+    `compile`, V3 (compiled block parts) in place."""
     use_varlen_vision_attention(visual, attention)
     pad_vision_mlp(visual, multiple)
+    if compile:
+        compile_vision_blocks(visual)
     return visual
 
 

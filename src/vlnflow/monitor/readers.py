@@ -21,12 +21,15 @@ Update = dict[str, Any]
 
 # Keys the trainer writes to metrics.jsonl (missing keys mean "unknown").
 INT_KEYS = ("step", "max_steps", "cached_samples", "live_samples", "rank", "world_size")
-FLOAT_KEYS = ("time", "epoch", "s_per_it", "data_wait_s", "samples_per_s", "tokens_per_s", "loss", "lr")
+# The loss's parts (vlnflow.model.objective; the seed's own log has the same names).
+LOSS_TERM_KEYS = ("loss_text_total", "loss_action_head", "action_head_weight",
+                  "loss_subinstruction", "loss_2d", "loss_3d", "loss_action")
+FLOAT_KEYS = ("time", "epoch", "s_per_it", "data_wait_s", "samples_per_s", "tokens_per_s", "loss", "lr") + LOSS_TERM_KEYS
 METRIC_KEYS = INT_KEYS + FLOAT_KEYS + ("gpu_mem_gib",)
 # A validation record (`"kind": "val"`) gives these instead: its step is the optimizer step it
 # evaluated, kept apart (val_step) so it never counts as a training step.
 VAL_INT_KEYS = ("val_samples",)
-VAL_FLOAT_KEYS = ("val_loss", "val_action_accuracy")
+VAL_FLOAT_KEYS = ("val_loss", "val_action_accuracy", "val_action_head_accuracy")
 VAL_KEYS = ("val_step",) + VAL_INT_KEYS + VAL_FLOAT_KEYS
 # Keys only text logs give: tqdm's elapsed seconds, the cache status line, the number of
 # "[ACCELERATION] Using cached features" lines, and the Trainer's end-of-training summary.
@@ -120,7 +123,8 @@ def parse_progress(segment: str) -> Update | None:
 
 
 def parse_log_dict(segment: str) -> Update | None:
-    """A Trainer log dict (`{'loss': ..., 'learning_rate': ..., 'epoch': ...}`) -> update."""
+    """A Trainer log dict (`{'loss': ..., 'learning_rate': ..., 'epoch': ...}`, or the seed's per-segment
+    `{'loss_subinstruction': ..., 'loss_action_head': ..., ...}`) -> update."""
     for m in _LOG_DICT.finditer(segment):
         try:
             record = ast.literal_eval(m.group(0))
@@ -129,7 +133,7 @@ def parse_log_dict(segment: str) -> Update | None:
         if not isinstance(record, dict):
             continue
         update: Update = {}
-        for source, key in (("loss", "loss"), ("learning_rate", "lr"), ("epoch", "epoch")):
+        for source, key in (("loss", "loss"), ("learning_rate", "lr"), ("epoch", "epoch"), *((k, k) for k in LOSS_TERM_KEYS)):
             try:
                 update[key] = float(record[source])
             except (KeyError, TypeError, ValueError):

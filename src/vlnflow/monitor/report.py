@@ -2,8 +2,9 @@
 
     [2026-11-27 14:40:05] results/train/demo/metrics.jsonl
       step=20/28710 s/it=55.29 steps/s=0.0181 eta=440:56:31 loss=2.3100 lr=1e-05 epoch=0.01 updated=12s_ago
+      losses: text=1.9200 head=0.3900 (weight 1) subinstruction=1.2100 2d=2.4000 3d=2.0500 action=0.0800
       samples: cached=160 live=0 (100.0% cached) samples/s=2.89 tokens/s=5120 data_wait=3.1%
-      val: step=20 loss=2.4120 action_acc=61.3% samples=6125
+      val: step=20 loss=2.4120 action_acc=61.3% head_acc=70.2% samples=6125
       gpu0 NVIDIA H100 80GB HBM3: 61.2/79.6 GiB util=97%
 
 Unknown values print as `?`.
@@ -64,6 +65,21 @@ def _samples_line(s: Summary) -> str | None:
     return "  samples: " + " ".join(parts) if parts else None
 
 
+def _losses_line(s: Summary) -> str | None:
+    """The loss's parts: text, action head (with its weight now), each answer segment; None when none is logged."""
+    latest = s.latest
+    parts = []
+    if latest.get("loss_text_total") is not None:
+        parts.append(f"text={latest['loss_text_total']:.4f}")
+    if latest.get("loss_action_head") is not None:
+        weight = latest.get("action_head_weight")
+        parts.append(f"head={latest['loss_action_head']:.4f}" + ("" if weight is None else f" (weight {weight:.3g})"))
+    for name in ("subinstruction", "2d", "3d", "action"):
+        if latest.get(f"loss_{name}") is not None:
+            parts.append(f"{name}={latest[f'loss_{name}']:.4f}")
+    return "  losses: " + " ".join(parts) if parts else None
+
+
 def _val_line(s: Summary) -> str | None:
     """The newest held-out evaluation (metrics.jsonl records of kind "val"), if the run has one."""
     latest = s.latest
@@ -72,6 +88,8 @@ def _val_line(s: Summary) -> str | None:
     parts = [f"step={_num(latest.get('val_step'), 'd')}", f"loss={latest['val_loss']:.4f}"]
     if latest.get("val_action_accuracy") is not None:
         parts.append(f"action_acc={100.0 * latest['val_action_accuracy']:.1f}%")
+    if latest.get("val_action_head_accuracy") is not None:
+        parts.append(f"head_acc={100.0 * latest['val_action_head_accuracy']:.1f}%")
     if latest.get("val_samples") is not None:
         parts.append(f"samples={latest['val_samples']}")
     return "  val: " + " ".join(parts)
@@ -105,6 +123,9 @@ def format_report(
         lines.append("  waiting for first step")
     else:
         lines.append(_progress_line(summary, now))
+    losses = _losses_line(summary)
+    if losses:
+        lines.append(losses)
     samples = _samples_line(summary)
     if samples:
         lines.append(samples)

@@ -60,6 +60,7 @@ def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
             fill(str(rules.precompute_shard.output.stats), shards, run) if rules.has("precompute_shard") and not live_only else []
         )
         out["manifest_json"] = [str(rules.merge_manifest.output.json)] if rules.has("merge_manifest") and not live_only else []
+        out["shard_list"] = [str(rules.shard.output[0])] if rules.has("shard") else []
         train = fill(TRAIN_METRICS, shards, run)
         out["train_metrics"] = [p for p in train if produced(p)]
         live = []

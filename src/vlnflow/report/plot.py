@@ -1,5 +1,6 @@
-"""timing.png: where the wall time went per stage, training s/it per logged step (cached vs live), and
-the loss curve with the held-out (validation) loss at its evaluation steps."""
+"""timing.png: where the wall time went per stage, training s/it per logged step (cached vs live), the
+loss curve with the held-out (validation) loss at its evaluation steps, and the loss's parts (text,
+action head, each answer segment: vlnflow.model.objective) per step."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str
                 val: dict[str, pd.DataFrame] | None = None) -> None:
     """Bars of summed wall and CPU seconds per stage; a line of s/it per step for each training run;
     training loss per step with `val` (label -> validation records: step, val_loss) as markers."""
-    fig = Figure(figsize=(15, 4), layout="constrained")
+    fig = Figure(figsize=(20, 4), layout="constrained")
     FigureCanvasAgg(fig)  # Agg: no display, no global pyplot state
-    bars, steps, losses = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
+    bars, steps, losses, parts = fig.subplots(1, 4, width_ratios=[1.2, 1, 1, 1])
     y = range(len(table))
     for offset, column, label in ((-0.2, "wall_s_sum", "wall s (sum over jobs)"), (0.2, "cpu_s", "CPU s")):
         values = table[column]
@@ -42,6 +43,7 @@ def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str
     steps.set_ylabel("s/it")
     steps.set_title("training step time")
     _plot_losses(losses, runs, val or {})
+    _plot_loss_parts(parts, runs)
     fig.savefig(out_png, dpi=100)
 
 
@@ -64,3 +66,25 @@ def _plot_losses(ax, runs: dict[str, pd.DataFrame], val: dict[str, pd.DataFrame]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over label tokens)")
     ax.set_title("loss")
+
+
+# metrics.jsonl keys of the loss's parts, in legend order, and their legend names
+LOSS_PARTS = {"loss_text_total": "text (weighted)", "loss_action_head": "action head", "loss_subinstruction": "SUBINSTRUCTION",
+              "loss_2d": "2D_DESCRIPTION", "loss_3d": "3D_DESCRIPTION", "loss_action": "ACTION"}
+
+
+def _plot_loss_parts(ax, runs: dict[str, pd.DataFrame]) -> None:
+    """The first run's loss parts per step: text loss, the action head's cross-entropy, each answer segment's loss."""
+    label, metrics = next(((k, m) for k, m in runs.items() if any(c in m for c in LOSS_PARTS)), (None, None))
+    if metrics is None:
+        ax.text(0.5, 0.5, "no loss parts logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        x = metrics["step"] if "step" in metrics else range(1, len(metrics) + 1)
+        for key, name in LOSS_PARTS.items():
+            if key in metrics and metrics[key].notna().any():
+                ax.plot(x, metrics[key], marker=".", label=name)
+        ax.legend(fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss by part" + (f" ({label})" if label else ""))

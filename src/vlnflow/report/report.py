@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from vlnflow.report import sources
+from vlnflow.report.cache_decision import cache_decision_markdown
+from vlnflow.report.runs import train_summary
 from vlnflow.errors import UserError
 
 STAGES = ("index", "shard", "precompute", "manifest", "validate", "train")
@@ -40,6 +42,7 @@ class ReportInputs:
     samples: list[str] = field(default_factory=list)
     precompute_stats: list[str] = field(default_factory=list)
     manifest_json: list[str] = field(default_factory=list)
+    shard_list: list[str] = field(default_factory=list)  # results/shards/shards.json: samples per source
     train_metrics: list[str] = field(default_factory=list)
     live_metrics: list[str] = field(default_factory=list)
 
@@ -72,18 +75,6 @@ def load_runs(inputs: ReportInputs) -> dict[str, pd.DataFrame]:
         if path:
             runs[label] = sources.read_metrics(path)
     return runs
-
-
-def train_summary(metrics: pd.DataFrame) -> dict[str, float]:
-    """Median s/it and samples/s over logged steps; data wait as a share of all step time."""
-    world = metrics["world_size"].median() if "world_size" in metrics else 1
-    return {
-        "steps": len(metrics),
-        "s_per_it_median": float(metrics["s_per_it"].median()),
-        "samples_per_s": float(metrics["samples_per_s"].median()),
-        "data_wait_pct": float(100 * metrics["data_wait_s"].sum() / metrics["s_per_it"].sum()),
-        "world_size": int(world),
-    }
 
 
 def _stage_row(stage: str, tsvs: list[str]) -> dict:
@@ -154,6 +145,25 @@ def projection(table: pd.DataFrame, runs: dict[str, pd.DataFrame], samples: int,
     out["gpus"] = gpus
     out["projected_s"] = samples / (out["samples_per_s_per_gpu"] * gpus)
     return out
+
+
+def per_source_markdown(inputs: ReportInputs) -> str:
+    """Samples, shards, cache bytes and computed vs reused rows per data source (vlnflow.cache.per_source)."""
+    from vlnflow.cache import per_source
+
+    shard_list = _one(inputs.shard_list, "shard list")
+    if shard_list is None:
+        return ""
+    table = per_source.source_table(
+        per_source.shard_samples_from_list(shard_list), _one(inputs.manifest_json, "cache manifest"), inputs.precompute_stats
+    )
+    return (
+        "\n## Per data source\n\n"
+        + per_source.markdown(table)
+        + "\n\nSamples and shards from the shard list, cache bytes from the manifest; computed / reused / resumed "
+        "rows are those of each shard's last precompute job (reused = copied from the shard's previous file, "
+        "cache.reuse; resumed = from a killed job's partial file).\n"
+    )
 
 
 def machine() -> dict[str, object]:
@@ -257,9 +267,12 @@ def write_report(
     projected_samples: int | None = None,
     gpus: int = 8,
     host: dict | None = None,
+    config: dict | None = None,
 ) -> pd.DataFrame:
-    """Collect, then write report.md, report.csv and timing.png; returns the stage table."""
-    from vlnflow.report.cache_decision import cache_decision_markdown
+    """Collect, then write report.md, report.csv and timing.png; returns the stage table.
+
+    `config` (the workflow's) decides which measurements the cache decision may use (same feature shape
+    and model); without it the decision uses the committed docs/results rates only."""
     from vlnflow.report.per_gpu import per_gpu_markdown
     from vlnflow.report.plot import plot_timing
 
@@ -275,8 +288,11 @@ def write_report(
         raise UserError("no sample index and no benchmark.projected_samples: nothing to project to")
     proj = projection(table, runs, samples, gpus)
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
+    text += per_source_markdown(inputs)
     text += per_gpu_markdown(inputs.precompute_stats)
-    text += cache_decision_markdown(table, runs, samples, gpus, source)
+    run_dirs = {kind: Path(paths[0]).parent for kind, paths in (("cached", inputs.train_metrics), ("live", inputs.live_metrics)) if paths}
+    text += cache_decision_markdown(table, runs, samples, gpus, source, config=config, manifest_json=_one(inputs.manifest_json, "cache manifest"),
+                                    precompute_stats=inputs.precompute_stats, run_dirs=run_dirs)  # fmt: skip
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)

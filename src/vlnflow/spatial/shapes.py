@@ -54,6 +54,11 @@ class ShapePolicy:
             frame_bucket=int(spatial_cfg.get("frame_bucket", 8)),
         )
 
+    def pads(self, compiling: bool) -> bool:
+        """Whether batches are padded: always under `bucketed` (the setting asks for fixed shapes); under `dynamic`
+        only when the encoder compiles (its only padding avoids Dynamo's size-1 specialisation)."""
+        return self.strategy == "bucketed" or compiling
+
     def padded_sizes(self, unique: int, rows: int) -> tuple[int, int]:
         """(U, B) after padding for a batch of `rows` samples over `unique` images."""
         if self.strategy == "bucketed":

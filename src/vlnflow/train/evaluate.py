@@ -6,7 +6,8 @@ every rank runs the same forwards: ZeRO-3 gathers weights collectively in each o
 
 Action accuracy: a sample counts as right when the argmax at every token of its answer's
 ACTION (the bare answer, or the text after "ACTION: " in the seed's four-line answer; in
-both the action ends the answer) equals the label, the model reading the true prefix.
+both the action ends the answer) equals the label, the model reading the true prefix. With the
+seed's action head, also its accuracy (argmax of the head at the last prompt token).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def evaluate(run, val: TrainSamples, step: int) -> dict:
         collate_fn=keep_items,
         num_workers=run.tcfg["loader"]["workers"],
     )
-    sums = torch.zeros(5, dtype=torch.float64)  # loss sum, label tokens, correct samples, samples, live samples
+    sums = torch.zeros(6, dtype=torch.float64)  # loss sum, label tokens, correct samples, samples, live, head correct
     module.eval()
     try:
         with torch.no_grad():
@@ -75,7 +76,7 @@ def evaluate(run, val: TrainSamples, step: int) -> dict:
     if run.device.type == "cuda":
         sums = sums.to(run.device)
     run.dist.all_reduce(sums)
-    loss_sum, tokens, correct, samples, live = sums.tolist()
+    loss_sum, tokens, correct, samples, live, head_correct = sums.tolist()
     record = {
         "kind": "val",
         "step": step,
@@ -86,6 +87,8 @@ def evaluate(run, val: TrainSamples, step: int) -> dict:
         "val_live_samples": int(live),
         "val_s": time.perf_counter() - started,
     }
+    if getattr(module, "action_head", None) is not None:
+        record["val_action_head_accuracy"] = head_correct / samples
     if run.is_rank0:
         log.info("validation at step %d: loss %.4f action accuracy %.4f over %d held-out samples (%.1f s)",
                  step, record["val_loss"], record["val_action_accuracy"], record["val_samples"], record["val_s"])
@@ -93,7 +96,8 @@ def evaluate(run, val: TrainSamples, step: int) -> dict:
 
 
 def _batch_sums(run, module, items, weights: torch.Tensor) -> torch.Tensor:
-    """[weighted loss sum, weighted label tokens, weighted correct, weighted samples, live samples] of one batch."""
+    """[weighted loss sum, weighted label tokens, weighted correct, weighted samples, live samples, weighted head
+    correct] of one batch."""
     feats, live = [], 0.0
     for item, w in zip(items, weights.tolist()):
         if item.features is None:
@@ -112,6 +116,10 @@ def _batch_sums(run, module, items, weights: torch.Tensor) -> torch.Tensor:
     token_w = weights[owner].double()
     loss = (F.cross_entropy(logits, targets, reduction="none").double() * token_w).sum()
     hit = logits.argmax(-1) == targets
+    head_correct = 0.0
+    if getattr(module, "action_head", None) is not None:
+        head_hit = (module.action_logits(batch, hidden).argmax(-1) == batch["action_labels"]).cpu().double()
+        head_correct = float((head_hit * weights.double()).sum())
     index_of = {int(p): j for j, p in enumerate(positions.tolist())}
     correct = 0.0
     tokenizer = run.collator.tokenizer
@@ -119,4 +127,5 @@ def _batch_sums(run, module, items, weights: torch.Tensor) -> torch.Tensor:
         local = action_positions(tokenizer, item.encoded.sample_id, item.encoded.labels)
         rows = [index_of[int(starts[i]) + p] for p in local]
         correct += w * float(bool(hit[rows].all()))
-    return torch.tensor([float(loss), float(token_w.sum()), correct, float(weights.sum()), live], dtype=torch.float64)
+    return torch.tensor([float(loss), float(token_w.sum()), correct, float(weights.sum()), live, head_correct],
+                        dtype=torch.float64)

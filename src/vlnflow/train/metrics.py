@@ -22,7 +22,7 @@ def gpu_memory_gib() -> list[float]:
 
 # TensorBoard tag names HF users know (Trainer's "train/learning_rate", "eval/loss"); others keep their key.
 TB_NAMES = {"lr": "learning_rate"}
-TB_SKIP = ("step", "max_steps", "world_size", "rank", "time", "kind")
+TB_SKIP = ("step", "max_steps", "world_size", "rank", "time", "kind", "tokens", "label_tokens", "seq_tokens_sq", "images")
 
 
 class MetricsLog:

@@ -178,6 +178,8 @@ def build_model(config: dict, device: torch.device, use_cache: bool, world: int 
     check_init_preprocess(model_cfg, geometry)
     log.info("frames: %s", geometry.describe())
     tokenizer, image_processor = load_processors(model_cfg, geometry)
+    if tcfg["deepspeed"] == "zero3" and model_cfg.get("compile_vision", "auto") == "auto":
+        model_cfg["compile_vision"] = False  # ZeRO-3 gathers partitioned weights in module hooks: keep the tower eager
     model = build_janus(model_cfg, channels, grid, device=device)
     plan = plan_for_run(config, model, world)  # None when train.gradient_checkpointing is false; logs the plan
     if plan is not None:
@@ -197,7 +199,11 @@ def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
     the rest of the vision tower lr.vision, everything else lr.llm; a rate of 0 freezes the group.
     With weight decay, each group splits in two: biases and nn.LayerNorm parameters get none (HF's
     rule, which JanusVLN uses: RMSNorm weights are decayed), the "<name>_no_decay" group.
+    The seed's action head (`action_head.*`) is in the llm group: the seed trains it at --learning_rate.
     """
+    if getattr(model, "action_head", None) is not None and lrs["llm"] <= 0:
+        raise UserError("model.action_head is enabled but train.lr.llm is 0: the head trains at the LLM's learning "
+                        "rate (the seed always trains it); give train.lr.llm a rate or turn the head off")
     no_decay = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     vision = {id(p) for p in model.visual.parameters()}
     groups: dict[str, list] = {}

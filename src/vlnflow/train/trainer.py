@@ -24,6 +24,7 @@ import torch
 from vlnflow.train import checkpoints
 from vlnflow.train.data import micro_batches
 from vlnflow.train.evaluate import evaluate
+from vlnflow.train.loss_terms import step_terms
 from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
 from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 from vlnflow.train.setup import TrainRun, build_run
@@ -49,11 +50,16 @@ class Progress:
 
 @dataclass
 class StepWindow:
-    """What one optimizer step's micro-steps add up: their losses, DataLoader wait and tokens."""
+    """What one optimizer step's micro-steps add up: their losses (and loss terms), DataLoader wait, tokens, and
+    the host-side counts a FLOP count needs (label positions, sum of squared sample lengths, images; vlnflow.flops)."""
 
     losses: list = field(default_factory=list)
+    terms: list = field(default_factory=list)  # vlnflow.model.objective.TERMS per micro-step
     wait: float = 0.0
     tokens: int = 0
+    labels: int = 0
+    tokens_sq: int = 0
+    images: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -171,6 +177,10 @@ def next_micro_batch(run: TrainRun, batches: Iterator, progress: Progress, windo
     progress.cached += len(batch["sample_ids"]) - n_live
     progress.live += n_live
     window.tokens += batch["input_ids"].numel()
+    window.labels += batch["label_positions"].numel()  # shapes and host lists only: no device read
+    window.tokens_sq += sum(n * n for n in batch.get("seq_lens") or ())
+    window.images += len(batch["image_grid_thw"])
+    batch["optimizer_step"] = progress.step  # finished steps, the seed's global_step: the action head's weight ramp
     return batch
 
 
@@ -178,12 +188,13 @@ def micro_step(run: TrainRun, batch: dict, phases: PhaseTimer, window: StepWindo
     """Forward, backward and DeepSpeed's step (which only updates at the accumulation boundary)."""
     engine = run.engine
     with phases.measure("forward"):
-        loss = engine(batch)
+        loss, terms = engine(batch, terms=True)
     with phases.measure("backward"):  # includes ZeRO's gradient reduction hooks
         engine.backward(loss)
     with phases.measure("step"):  # optimizer step at the accumulation boundary, else bookkeeping
         engine.step()
     window.losses.append(loss.detach().float())
+    window.terms.append(terms)
 
 
 # ---- one optimizer step's bookkeeping -----------------------------------------------------------------
@@ -194,11 +205,12 @@ def finish_step(run: TrainRun, progress: Progress, window: StepWindow, phases: P
     lines; returns (metrics summary, global cached count, global live count)."""
     tcfg, world = run.tcfg, run.world
     elapsed = time.perf_counter() - window.started
-    stats = torch.tensor([torch.stack(window.losses).mean().item(), window.wait, window.tokens, progress.cached, progress.live], dtype=torch.float64)
+    stats = torch.tensor([torch.stack(window.losses).mean().item(), window.wait, window.tokens, progress.cached, progress.live,
+                          window.labels, window.tokens_sq, window.images], dtype=torch.float64)  # fmt: skip
     if run.device.type == "cuda":
         stats = stats.to(run.device)
     run.dist.all_reduce(stats)
-    mean_loss, wait_sum, tok_sum, cached, live = stats.tolist()
+    mean_loss, wait_sum, tok_sum, cached, live, labels, tokens_sq, images = stats.tolist()
     n_samples = tcfg["per_device_batch"] * run.accum * world
     summary = {
         "step": progress.step,
@@ -210,8 +222,13 @@ def finish_step(run: TrainRun, progress: Progress, window: StepWindow, phases: P
         "data_wait_s": wait_sum / world,
         "samples_per_s": n_samples / elapsed,
         "tokens_per_s": tok_sum / elapsed,
+        "tokens": int(tok_sum),  # this step, all ranks: with the three below, what vlnflow.flops counts
+        "label_tokens": int(labels),
+        "seq_tokens_sq": int(tokens_sq),
+        "images": int(images),
         "cached_samples": int(cached),
         "live_samples": int(live),
+        **step_terms(window.terms, run.dist, run.device, run.engine.module.action_head is not None),
         "gpu_mem_gib": gpu_memory_gib(),
         "world_size": world,
         "rank": run.rank,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vlnflow.data.fingerprint import dataset_fingerprint
 from vlnflow.data.index import INDEX_VERSION
 from vlnflow.data.shards import SHARD_FORMAT_VERSION, read_shard_list
+from vlnflow.data.sources import index_params, source_fingerprints, sources_from_config
 
 NOT_MAIN_PROCESS = "computed-by-the-main-snakemake-process"
 
@@ -37,19 +37,20 @@ def per_shard(checkpoints, pattern: str) -> Callable:
 
 
 def dataset_fingerprint_param(config: dict, workflow) -> Callable:
-    """Params function for the index rule: a stat-walk fingerprint of dataset.root, so the index reruns
-    when (and only when) a file under the root is added, removed or modified.
+    """Params function for the index rule: a stat-walk fingerprint of the data (dataset.root, or one per
+    source with dataset.sources), so the index reruns when (and only when) a file of the data set is
+    added, removed or modified.
 
     Computed once, lazily (a dry run of other targets never walks the data set), and only in the
     main Snakemake process: cluster job processes re-parse the Snakefile and must not walk 1M files.
     """
-    cache: dict[str, str] = {}
+    cache: dict[str, object] = {}
 
-    def fingerprint(wildcards) -> str:
+    def fingerprint(wildcards):
         if not workflow.is_main_process:
             return NOT_MAIN_PROCESS
         if "value" not in cache:
-            cache["value"] = dataset_fingerprint(config["dataset"]["root"])
+            cache["value"] = source_fingerprints(sources_from_config(config))
         return cache["value"]
 
     return fingerprint
@@ -58,7 +59,7 @@ def dataset_fingerprint_param(config: dict, workflow) -> Callable:
 def index_settings_param(config: dict) -> dict:
     """The settings that decide the index content besides the files (a change reruns index)."""
     ds = config["dataset"]
-    return {
+    settings = {
         "index_version": INDEX_VERSION,
         "format": ds["format"],
         "annotations": ds["annotations"],
@@ -68,10 +69,20 @@ def index_settings_param(config: dict) -> dict:
         "pad": config["history"]["pad"],
         "shard_count": config["shards"]["count"],
     }
+    # keys that a single-root config without them never had stay out, so its params (and index) do not change
+    if ds.get("vlnce_episodes"):
+        settings["vlnce_episodes"] = ds["vlnce_episodes"]
+    if ds.get("sources"):
+        settings["sources"] = index_params(sources_from_config(config))
+        settings["seed"] = ds["seed"]
+    return settings
 
 
 def shard_settings_param(config: dict) -> dict:
-    return {"shard_version": SHARD_FORMAT_VERSION, "count": config["shards"]["count"]}
+    settings = {"shard_version": SHARD_FORMAT_VERSION, "count": config["shards"]["count"]}
+    if config["dataset"].get("sources"):  # source name -> its shard count
+        settings["sources"] = {s.name: s.shards for s in sources_from_config(config)}
+    return settings
 
 
 def train_cache_inputs(config: dict) -> list[str]:
