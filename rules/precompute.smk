@@ -1,5 +1,6 @@
 # Feature cache: one precompute job per shard, a manifest, and validation that fails loudly.
-# precompute_all = every shard file + manifest + validation.
+# precompute_all = every shard file + manifest + validation (CPU checks per shard, live spot checks of
+# every shard in one GPU job).
 
 
 rule precompute_shard:
@@ -34,8 +35,6 @@ rule validate_shard:
         encoder=ENCODER_FINGERPRINT,
         quarantine="results/cache/corrupt",
         validated="results/cache/validation.json",  # removed when this shard is moved aside, so the next run rebuilds it
-    resources:
-        gpu=1,  # spot checks recompute samples live on the GPU
     log:
         "results/logs/validate/{shard}.log",
     benchmark:
@@ -44,6 +43,28 @@ rule validate_shard:
         "../envs/vlnflow.yaml"
     script:
         "../workflow_scripts/validate_shard.py"
+
+
+rule spot_check_cache:
+    input:
+        h5=wf.per_shard(checkpoints, "results/cache/{shard}.h5"),
+        shards=wf.per_shard(checkpoints, "results/shards/{shard}.parquet"),
+        # after every shard's CPU checks: never read a file that validate_shard is moving aside
+        reports=wf.per_shard(checkpoints, "results/cache/validation/{shard}.json"),
+    output:
+        "results/cache/validation/spot_check.json",
+    params:
+        encoder=ENCODER_FINGERPRINT,
+    resources:
+        gpu=1 if config["cache"]["spot_check"] > 0 else 0,  # VGGT loaded once for every shard's live recomputes
+    log:
+        "results/logs/validate/spot_check.log",
+    benchmark:
+        "results/benchmark/validate/spot_check.tsv"
+    conda:
+        "../envs/vlnflow.yaml"
+    script:
+        "../workflow_scripts/spot_check_cache.py"
 
 
 rule merge_manifest:
@@ -69,6 +90,7 @@ rule validate_cache:
         manifest="results/cache/manifest.json",
         manifest_table="results/cache/manifest.parquet",
         reports=wf.per_shard(checkpoints, "results/cache/validation/{shard}.json"),
+        spot_check="results/cache/validation/spot_check.json",
         samples="results/index/samples.parquet",
     output:
         "results/cache/validation.json",

@@ -338,3 +338,25 @@ def test_disk_full_during_precompute_leaves_nothing_that_looks_complete(small_se
     assert stats["resumed"] == int(done.sum())
     got, want = _features(final), _features(clean_shard)
     assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_a_wrong_writer_passes_the_cpu_checks_and_is_caught_by_the_one_spot_check_job(small_set, clean_shard, tmp_path):
+    """Issue 21: validation is split into CPU checks per shard and live spot checks of all shards in one job;
+    rows written under the wrong sample id are well-formed, so only the live recompute can catch them."""
+    from vlnflow.cache.spot_check import spot_check_cache
+
+    good = tmp_path / "good.h5"
+    wrong = tmp_path / "wrong.h5"
+    shutil.copy(clean_shard, good)
+    shutil.copy(clean_shard, wrong)
+    with h5py.File(wrong, "r+") as f:  # a writer that put each row's features one row down
+        f[fmt.FEATURES][...] = np.roll(f[fmt.FEATURES][...], 1, axis=0)
+    cpu = validate_shard(wrong, small_set.shard, _expected(small_set), small_set.config, spot_check=0)
+    assert cpu["ok"] and "spot_check" not in cpu, cpu["problems"]
+    config = {**small_set.config, "cache": {**small_set.config["cache"], "spot_check": 3, "compile_cache": None}}
+    report = spot_check_cache([(good, small_set.shard), (wrong, small_set.shard)], config, encoder=small_set.encoder)
+    assert report["samples_checked"] == 6 and not report["ok"]
+    assert report["shards"]["good"]["worst_rel_err"] < 2e-2 and len(report["shards"]["good"]["checked"]) == 3
+    assert report["problems"] == [p for p in report["problems"] if p.startswith("shard wrong: live recompute differs")] != []
+    assert set(report["timing"]["setup_split_s"]) == {"imports", "read", "weights", "first_batch"}
+    assert report["timing"]["compute_s"] > 0 and report["timing"]["steady_s_per_sample"] is not None

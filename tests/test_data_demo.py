@@ -86,3 +86,24 @@ def test_dataset_fingerprint_tracks_files(demo_data, tmp_path):
     os.remove(next((root / "ep0005").glob("step_*.png")))
     assert dataset_fingerprint(str(root)) != edited
     assert dataset_fingerprint(str(tmp_path / "missing")) == "missing-root"
+
+
+def test_r2r_length_profile_textured_frames_and_parallel_rendering(tmp_path):
+    """Issue 21: episodes with R2R-CE's length range, frames that weigh like real ones, same files from N processes."""
+    from vlnflow.data.demo import episode_lengths
+
+    lengths = episode_lengths(400, np.random.default_rng(0), "r2r")
+    assert min(lengths) == 10 and max(lengths) == 120 and 50 < np.mean(lengths) < 64
+    assert episode_lengths(14, np.random.default_rng(0)) == episode_lengths(14, np.random.default_rng(0), "demo")
+
+    kw = dict(size=(160, 120), seed=2, lengths=[3, 2], episode_ids=["r2r_a", "r2r_b"])
+    one = make_demo(str(tmp_path / "one"), texture=4.0, **kw)
+    two = make_demo(str(tmp_path / "two"), texture=4.0, workers=2, **kw)
+    flat = make_demo(str(tmp_path / "flat"), **kw)
+    assert one["samples"] == 5 and one["lengths"] == [3, 2] and sorted(os.listdir(tmp_path / "one" / "episodes")) == ["r2r_a", "r2r_b"]
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 5 and all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in files)
+    png_bytes = lambda name: sum(p.stat().st_size for p in (tmp_path / name / "episodes").rglob("*.png"))  # noqa: E731
+    assert png_bytes("one") > 3 * png_bytes("flat"), "noise makes PNGs as heavy as real frames"
+    with pytest.raises(Exception, match="at least 2 steps"):
+        make_demo(str(tmp_path / "bad"), lengths=[1], size=(48, 32))

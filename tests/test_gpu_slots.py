@@ -172,7 +172,7 @@ class _Resources(dict):
 
 @pytest.mark.parametrize("rule, rule_resources, gres", [
     ("precompute_shard", {"gpu": 1}, "--gres=gpu:1"),
-    ("validate_shard", {"gpu": 1}, "--gres=gpu:1"),
+    ("spot_check_cache", {"gpu": 1}, "--gres=gpu:1"),
     ("train", {"gpu": 16, "nodes": 2, "tasks": 2, "mpi": "srun"}, "--gres=gpu:8"),
 ])
 def test_slurm_profile_asks_for_each_jobs_gpus_once(rule, rule_resources, gres):

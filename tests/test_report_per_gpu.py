@@ -64,3 +64,29 @@ def test_section_in_the_report_and_old_stats_files(tmp_path):
     write_report(ReportInputs(precompute=tsvs, precompute_stats=paths), out / "r.md", out / "r.csv", out / "t.png", command="x",
                  projected_samples=1000, host=HOST)  # fmt: skip
     assert "## Precompute per GPU" in (out / "r.md").read_text()
+
+
+def test_setup_split_compile_cache_and_recompiles_are_shown_per_job(tmp_path):
+    """Issue 21: each job's set-up split, whether the host's compile cache was warm, recompiles after warm-up."""
+    from vlnflow.report.per_gpu import setup_table
+
+    paths = _stats(tmp_path)
+    extra = [  # the first job compiled cold for its host, the others loaded its cache; shard_00002 recompiled once
+        ({"imports": 4.0, "weights": 2.5, "open": 0.5, "first_data": 1.0, "first_batch": 25.0, "later_warmup": 5.0}, False, True, 0),
+        ({"imports": 4.0, "weights": 2.0, "open": 0.5, "first_data": 1.0, "first_batch": 4.0, "later_warmup": 0.5}, True, False, 0),
+        ({"imports": 3.5, "weights": 2.0, "open": 0.5, "first_data": 1.0, "first_batch": 3.5, "later_warmup": 0.5}, True, False, 1),
+    ]
+    for path, (split, warm, first, recompiles) in zip(paths, extra):
+        stats = json.loads(open(path).read())
+        stats.update({"setup_split_s": split, "setup_s": sum(split.values()), "recompiles_after_warmup": recompiles,
+                      "steady_samples_per_s": 11.5, "compile": {"enabled": True, "cache_warm": warm, "first_on_host": first, "lock_wait_s": 0.0 if first else 28.0}})  # fmt: skip
+        open(path, "w").write(json.dumps(stats))
+    table = setup_table(paths).set_index("shard")
+    assert table.loc["shard_00000", "setup_s"] == pytest.approx(38.0) and table.loc["shard_00001", "first_batch_s"] == 4.0
+    assert table["compile_cache"].tolist() == ["cold (first on host)", "warm", "warm"]
+    md = per_gpu_markdown(paths)
+    assert "| shard_00000 | 38 | 4 | 2.5 | 1 | 25 | 5 | cold (first on host) | 0 | 0 | 11.5 |" in md
+    assert "| shard_00002 | 11 | 3.5 | 2 | 1 | 3.5 | 0.5 | warm | 28 | 1 | 11.5 |" in md
+    old = tmp_path / "old.stats.json"
+    old.write_text(json.dumps({"shard": "shard_00009", "samples": 3, "computed": 3, "wall_s": 1.0, "samples_per_s": 3.0}))
+    assert "| shard_00009 |  |  |  |  |  |  |  |  |  |  |" in per_gpu_markdown([str(old)])

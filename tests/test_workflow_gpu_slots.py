@@ -43,9 +43,9 @@ def test_j4_with_two_gpus_runs_at_most_two_gpu_jobs_at_once_and_matches_serial(t
 
     records = read_claims(wide.path / "results" / "gpu_slots")
     claims = [r for r in records if r["event"] == "claim"]
-    assert sorted(r["job"] for r in claims) == sorted(
-        [f"precompute_shard {s}" for s in SHARDS] + [f"validate_shard {s}" for s in SHARDS]
-    ), "every GPU job claimed a slot, and each shard was computed (and validated) exactly once"
+    assert sorted(r["job"] for r in claims) == sorted([f"precompute_shard {s}" for s in SHARDS] + ["spot_check_cache"]), (
+        "every GPU job claimed a slot: each shard computed once, and one job spot-checked them all"
+    )
     assert {r["slot"] for r in claims} <= {0, 1} and {r["device"] for r in claims} <= {"0", "1"}
     assert len([r for r in records if r["event"] == "release"]) == len(claims)
     assert max_concurrent(records) <= 2, "more GPU jobs at once than GPUs"
@@ -57,7 +57,8 @@ def test_j4_with_two_gpus_runs_at_most_two_gpu_jobs_at_once_and_matches_serial(t
                          rf"CUDA_VISIBLE_DEVICES={stats['gpu']['device']}\b", log), log
         assert set(stats["time_split_s"]) == {"data_wait", "compute", "write_wait", "device_busy", "writer_hdf5"}
 
-    # acceptance: a dry run lists gpu=1 in the resources of every precompute_shard and validate_shard job
+    # acceptance: a dry run lists gpu=1 in the resources of every GPU job (precompute_shard, spot_check_cache),
+    # and validate_shard is a CPU job
     dry = wide.snakemake("-n", "precompute_all", "--forcerun", "precompute_shard", cores=8)
     text = dry.stdout + dry.stderr
     resources, rule = {}, None  # (rule, shard) -> that job's "resources:" line
@@ -66,10 +67,13 @@ def test_j4_with_two_gpus_runs_at_most_two_gpu_jobs_at_once_and_matches_serial(t
             rule, shard = m.group(1), None
         elif m := re.match(r"^\s*wildcards: .*\bshard=(\w+)", line):
             shard = m.group(1)
-        elif rule in ("precompute_shard", "validate_shard") and line.strip().startswith("resources:"):
+        elif rule in ("precompute_shard", "validate_shard", "spot_check_cache") and line.strip().startswith("resources:"):
             resources[rule, shard] = line
-    assert sorted(resources) == sorted((r, s) for r in ("precompute_shard", "validate_shard") for s in SHARDS), text
-    assert all(re.search(r"\bgpu=1\b", line) for line in resources.values()), resources
+    assert sorted(k for k in resources if k[0] == "precompute_shard") == [("precompute_shard", s) for s in SHARDS], text
+    gpu_jobs = {k: v for k, v in resources.items() if k[0] != "validate_shard"}
+    assert set(gpu_jobs) == {("precompute_shard", s) for s in SHARDS} | {("spot_check_cache", None)}, text
+    assert all(re.search(r"\bgpu=1\b", line) for line in gpu_jobs.values()), resources
+    assert not any(re.search(r"\bgpu=", v) for k, v in resources.items() if k[0] == "validate_shard"), resources
 
     # the same shards computed one at a time, in this process (what a `-j 1` job runs; a second Snakemake
     # run would double this test's time): bit-identical features

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-CACHE_RULES = {"precompute_shard", "validate_shard", "merge_manifest", "validate_cache"}
+CACHE_RULES = {"precompute_shard", "validate_shard", "spot_check_cache", "merge_manifest", "validate_cache"}
 JOB_HEADER = re.compile(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):\s*$")
 
 

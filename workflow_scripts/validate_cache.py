@@ -6,7 +6,12 @@ from vlnflow.workflow.logs import setup_logging
 
 log = setup_logging(snakemake.log[0])
 result = validate_cache(
-    snakemake.input.manifest, list(snakemake.input.reports), snakemake.input.samples, snakemake.params.encoder, snakemake.output[0]
+    snakemake.input.manifest,
+    list(snakemake.input.reports),
+    snakemake.input.samples,
+    snakemake.params.encoder,
+    snakemake.output[0],
+    spot_report=snakemake.input.spot_check,
 )
 log.info("\n%s", summary_text(result))
 if not result["ok"]:

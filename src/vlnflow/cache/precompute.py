@@ -9,6 +9,12 @@ next batch's host-to-device copy runs on a side stream while the current batch c
 written by one writer thread behind a bounded queue (`BackgroundWriter`). The writer still
 marks a row done only after its features are flushed, so crash safety and resume are
 unchanged, and rows are written in the same order with the same values as a serial loop.
+
+Batches reach the encoder padded to the shapes its shape policy compiles for
+(vlnflow.spatial.shapes; padded rows are dropped), so a long shard does not recompile; the
+first batch of each shape class is warm-up (vlnflow.cache.warmup), and the stats JSON
+records the set-up split (imports, weights, loader start, first batch with its compile),
+whether the host's shared compile cache was warm, and the recompiles after warm-up.
 """
 
 from __future__ import annotations
@@ -25,25 +31,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlnflow.cache.loader_workers import loader_workers
 from vlnflow.cache.reuse import RowReuse, reusable_rows_enabled
+from vlnflow.cache.warmup import WarmupTracker
 from vlnflow.cache.writer import ShardWriter
 from vlnflow.errors import DatasetError
+from vlnflow.spatial import compile_cache
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedBatch:
-    """What a worker hands the encoder: rows that loaded, their unique images and per-row frame indices."""
+    """What a worker hands the encoder: rows that loaded, their unique images and per-row frame indices.
+
+    With a shape policy the tensors are padded (extra zero images, extra rows repeating row 0): the first
+    len(rows) output rows are the real ones; `unique` is the real image count, `key` the shape class."""
 
     rows: list[int]
-    images: torch.Tensor  # [U, 3, H, W] in [0, 1]
-    frame_index: torch.Tensor  # [len(rows), S] into images
+    images: torch.Tensor  # [U', 3, H, W] in [0, 1]
+    frame_index: torch.Tensor  # [B' >= len(rows), S] into images
     errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be loaded
+    unique: int = 0
+    key: tuple = ()
+    shape: str = ""  # the shape in words, for logs
 
     def pin_memory(self) -> "LoadedBatch":
         """Called by DataLoader(pin_memory=True) (a dataclass is not pinned otherwise): async copies need pinned pages."""
-        return LoadedBatch(self.rows, self.images.pin_memory(), self.frame_index.pin_memory(), self.errors)
+        return LoadedBatch(self.rows, self.images.pin_memory(), self.frame_index.pin_memory(), self.errors, self.unique, self.key, self.shape)
 
 
 def make_batches(pending: list[int], frame_counts: list[int], batch_size: int) -> list[list[int]]:
@@ -60,10 +75,11 @@ def make_batches(pending: list[int], frame_counts: list[int], batch_size: int) -
 
 
 class ShardFrames(Dataset):
-    """Item i = batch i, its unique frames decoded and preprocessed once."""
+    """Item i = batch i, its unique frames decoded and preprocessed once (padded per `policy`, if given)."""
 
-    def __init__(self, root: Path, sample_ids: list[str], frames: list[list[str]], batches: list[list[int]], geometry):
+    def __init__(self, root: Path, sample_ids: list[str], frames: list[list[str]], batches: list[list[int]], geometry, policy=None):
         self.root, self.sample_ids, self.frames, self.batches, self.geometry = root, sample_ids, frames, batches, geometry
+        self.policy = policy
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -92,7 +108,12 @@ class ShardFrames(Dataset):
             index.append([order[rel] for rel in self.frames[row]])
         images = torch.stack(list(loaded.values())) if loaded else torch.empty(0)
         width = len(self.frames[self.batches[i][0]])  # one frame count per batch (make_batches); explicit for a batch with no good row
-        return LoadedBatch(rows, images, torch.tensor(index, dtype=torch.long).reshape(len(rows), width), errors)
+        frame_index = torch.tensor(index, dtype=torch.long).reshape(len(rows), width)
+        unique, key, shape = len(loaded), (), ""
+        if self.policy is not None and rows:
+            key, shape = self.policy.shape_key(unique, len(rows), width), self.policy.describe(unique, len(rows), width)
+            images, frame_index = self.policy.pad(images, frame_index)
+        return LoadedBatch(rows, images, frame_index, errors, unique, key, shape)
 
 
 class DevicePrefetcher:
@@ -227,16 +248,30 @@ def precompute_shard(
     *,
     encoder=None,
     progress: bool = True,
+    process_start: float | None = None,
+    gpu_wait_s: float = 0.0,
+    jobs_per_node: int = 1,
 ) -> dict:
-    """Fill `out_h5` with every sample of the shard (resuming `partial_h5` if present); returns stats."""
+    """Fill `out_h5` with every sample of the shard (resuming `partial_h5` if present); returns stats.
+
+    `process_start` (epoch seconds the job's process began) and `gpu_wait_s` (time it waited for a GPU
+    slot) let the stats split the whole job's set-up; `jobs_per_node` sizes `cache.loader_workers: auto`.
+    """
     from vlnflow.spatial import SpatialEncoder
 
     started, started_at = time.perf_counter(), time.time()
+    imports_s = max(0.0, started_at - process_start - gpu_wait_s) if process_start else 0.0
+    cache_cfg = config["cache"]
+    counters_before = compile_cache.CompileCounters.snapshot()
     table = pd.read_parquet(shard_parquet)
     sample_ids = table.sample_id.tolist()
     frames = [list(f) for f in table.frames]
+    t0 = time.perf_counter()
     encoder = encoder or SpatialEncoder.from_config(config["spatial"])
-    cache_cfg = config["cache"]
+    weights_s = time.perf_counter() - t0
+    compiling = bool(getattr(encoder, "compile_blocks", False))  # compiles happen at the first batch, after this
+    compile_dir = compile_cache.activate(cache_cfg.get("compile_cache")) if compiling else None
+    t0 = time.perf_counter()
     reuse = None
     if reusable_rows_enabled(config):  # rows of unchanged samples come from the shard's previous file
         reuse = RowReuse(out_h5, sample_ids, frames, config["dataset"]["root"], encoder.fingerprint())
@@ -256,8 +291,10 @@ def precompute_shard(
         n_reused = reuse.fill(writer) if reuse else 0
         pending = writer.pending
         batches = make_batches(pending, [len(f) for f in frames], config["spatial"]["batch_size"])
-        dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, encoder.geometry)
-        workers = cache_cfg["loader_workers"]
+        policy = getattr(encoder, "shapes", None)
+        policy = policy if policy is not None and policy.pads(compiling) else None  # None: batches as they come
+        dataset = ShardFrames(Path(config["dataset"]["root"]), sample_ids, frames, batches, encoder.geometry, policy)
+        workers = loader_workers(cache_cfg["loader_workers"], jobs_per_node)
         device = encoder.device
         loader = DataLoader(
             dataset,
@@ -265,17 +302,23 @@ def precompute_shard(
             shuffle=False,
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=(4 if workers == 1 else 2) if workers else None,  # >= 4 batches ahead, bounded pinned memory
             persistent_workers=False,
         )
+        shard_name = Path(out_h5).stem
+        warmup = WarmupTracker(encoder, compile_dir, job=f"precompute_shard {shard_name}")
         n_skipped = n_done = 0
         compute_s = 0.0
-        bar = tqdm(total=len(pending), unit="sample", desc=Path(out_h5).stem, disable=not progress, smoothing=0.1)
+        first_data_s = None
+        bar = tqdm(total=len(pending), unit="sample", desc=shard_name, disable=not progress, smoothing=0.1)
         prefetch = DevicePrefetcher(loader, device)
         background = BackgroundWriter(writer)
+        open_s = time.perf_counter() - t0
         loop_started = time.perf_counter()
         try:
-            for batch, images, index in prefetch:
+            for number, (batch, images, index) in enumerate(prefetch):
+                if first_data_s is None:
+                    first_data_s = prefetch.data_wait_s  # worker start-up + decoding the first batch
                 for row, why in batch.errors.items():
                     if config["dataset"]["on_error"] == "fail":
                         raise DatasetError(why)
@@ -283,14 +326,16 @@ def precompute_shard(
                     background.skip(row, why)
                     n_skipped += 1
                 if batch.rows:
-                    t0 = time.perf_counter()
-                    start = timing_event(device)
-                    with torch.inference_mode():
-                        feats = encoder.encode_indexed(images, index)
-                    host, end = to_host_async(feats)
-                    compute_s += time.perf_counter() - t0
+                    n = len(batch.rows)
+                    with warmup.batch(number, batch.key, n, batch.shape or f"{n} samples"):
+                        t0 = time.perf_counter()
+                        start = timing_event(device)
+                        with torch.inference_mode():
+                            feats = encoder.encode_indexed(images, index)[:n]  # padded rows dropped
+                        host, end = to_host_async(feats)
+                        compute_s += time.perf_counter() - t0
                     background.write(batch.rows, host, (start, end))
-                    n_done += len(batch.rows)
+                    n_done += n
                 bar.update(len(batch.rows) + len(batch.errors))
         finally:
             try:
@@ -301,25 +346,65 @@ def precompute_shard(
         writer.finalize()
     if reuse:
         reuse.remember()
-    wall = time.perf_counter() - started
+    finished = time.perf_counter()
+    wall = finished - started
+    first_data_s = first_data_s or 0.0
+    warm = warmup.stats()
+    setup_split = {
+        "imports": imports_s,  # process start -> this function (interpreter, Snakemake's script preamble, torch)
+        "weights": weights_s,  # encoder built on its device, weights read onto it
+        "open": open_s,  # shard table, partial file, loader
+        "first_data": first_data_s,  # DataLoader workers started and the first batch decoded
+        "first_batch": warmup.first_batch_s or 0.0,  # the first batch on the device, its compile included
+        "later_warmup": warm["warmup_s"] - (warmup.first_batch_s or 0.0),  # first batches of the other shape classes
+    }
+    steady_samples = n_done - warm["warmup_samples"]
+    steady_s = max(0.0, loop_s - warm["warmup_s"] - first_data_s)
+    counters = compile_cache.CompileCounters.since(counters_before)
     stats = {
-        "shard": Path(out_h5).stem,
+        "shard": shard_name,
         "samples": len(sample_ids),
         "computed": n_done,
         "resumed": len(sample_ids) - len(pending) - n_reused,  # done in the partial file of a killed job
         "reused": n_reused,  # copied from the shard's previous file (unchanged samples)
         "skipped": n_skipped,
         "frames": int(sum(len(frames[r]) for b in batches for r in b)),
+        "batches": len(batches),
         "wall_s": wall,
+        "job_wall_s": wall + imports_s,  # the whole job's process, less any wait for a GPU slot
         "encode_s": compute_s,
         "samples_per_s": n_done / wall if wall > 0 else 0.0,
+        "job_samples_per_s": n_done / (wall + imports_s) if wall + imports_s > 0 else 0.0,
         "device": str(device),
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "started_at": started_at,
         "finished_at": time.time(),
-        "setup_s": loop_started - started,  # encoder build + weights + partial file, before the first batch
+        "process_started_at": process_start,
+        "gpu_wait_s": gpu_wait_s,
+        # set-up = everything that is not the steady batch loop: the split below, summed
+        "setup_s": sum(setup_split.values()),
+        "setup_split_s": setup_split,
         "loop_s": loop_s,
         "loop_samples_per_s": n_done / loop_s if loop_s > 0 else 0.0,
+        # steady state: the loop without its warm-up batches (first batch of each shape class) and loader start
+        "steady_s": steady_s,
+        "steady_samples": steady_samples,
+        "steady_samples_per_s": steady_samples / steady_s if steady_s > 0 else 0.0,
+        "loader_workers": workers,
+        "compile": {
+            "enabled": warmup.compiling,
+            "shapes": getattr(getattr(encoder, "shapes", None), "strategy", None),
+            "frame_bucket": getattr(getattr(encoder, "shapes", None), "frame_bucket", None),
+            "padded": policy is not None,
+            "cache_dir": str(compile_dir) if compile_dir else None,
+            "cache_warm": compile_cache.cache_was_warm(counters) if warmup.compiling else None,
+            "first_on_host": warmup.first_turn.first,
+            "lock_wait_s": warmup.lock_wait_s,
+            "counters": counters,
+            "recompile_limit": _recompile_limit(),
+        },
+        "recompiles_after_warmup": warm["recompiles_after_warmup"],
+        "warmup": warm,
         # The main thread's loop time: waiting for decoded frames (data_wait), running (CPU) or launching
         # (GPU) the encoder (compute), blocked on a full writer queue (write_wait; on a GPU this also holds
         # the wait for the GPU, as the writer waits for each batch's copy back). device_busy: the GPU time
@@ -335,3 +420,8 @@ def precompute_shard(
     }
     log.info("precompute %s: %s", stats["shard"], stats)
     return stats
+
+
+def _recompile_limit() -> int | None:
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", getattr(config, "cache_size_limit", None))

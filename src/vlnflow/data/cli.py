@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("out", help="output folder (data/demo in the Makefile)")
     parser.add_argument("--episodes", type=int, default=14, help="number of episodes (default 14)")
     parser.add_argument("--size", type=_size, default=(640, 480), help="frame size WxH (default 640x480)")
+    parser.add_argument("--lengths", default="demo", choices=["demo", "r2r"],
+                        help="episode lengths: demo (3..40 steps) or r2r (R2R-CE-like, 10..120 around 57)")
+    parser.add_argument("--texture", type=float, default=0.0,
+                        help="per-pixel noise (grey levels) so frames weigh and decode like real ones (4: ~500 KB PNG at 640x480)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering episodes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing demo in OUT")
     parser.set_defaults(func=run)
@@ -32,7 +37,10 @@ def run(args) -> int:
 
     if args.episodes < 2:
         raise UserError("demo-data: --episodes must be at least 2")
-    summary = make_demo(args.out, n_episodes=args.episodes, size=args.size, seed=args.seed, force=args.force)
+    if args.texture < 0 or args.workers < 1:
+        raise UserError("demo-data: --texture must be >= 0 and --workers >= 1")
+    summary = make_demo(args.out, n_episodes=args.episodes, size=args.size, seed=args.seed, force=args.force,
+                        lengths=args.lengths, texture=args.texture, workers=args.workers)  # fmt: skip
     print(
         f"demo data set: {summary['episodes']} episodes, {summary['samples']} samples, "
         f"plus {summary['dagger_trajectories']} DAgger-layout trajectories, {summary['bytes'] / 1e6:.1f} MB in {args.out}"

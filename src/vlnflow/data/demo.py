@@ -12,6 +12,13 @@ The annotations are made from the episode directories by the index's own reader
 and prompt builders (history H=8, no padding, as JanusVLN's create_data does), so
 indexing either format gives the same frames and targets. configs/demo_sources.yaml
 reads OUT/episodes (as vlnce) and OUT/dagger as two sources.
+
+Episode lengths follow a profile: `demo` (3..40 steps, short for tests) or `r2r`
+(R2R-CE-like, 10..120 steps around a mean of ~57: 612,492 training samples over
+10,819 R2R-CE training episodes), so a benchmark shard has R2R-CE's mix of frame
+counts and shared frames. `texture` adds fixed per-pixel noise to every frame so a
+640x480 PNG weighs (~500 KB at 4) and decodes like a real rendered frame rather than
+a flat drawing (~15 KB); `workers` renders episodes in parallel processes.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import gzip
 import json
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from vlnflow.data import demo_scene as scene
 from vlnflow.data.episode_dirs import MILESTONES, read_episode_dir
@@ -41,10 +50,21 @@ ANNOTATION_HISTORY = 8  # JanusVLN create_data's max_history_images
 _VERB = {"MOVE_FORWARD": "walk forward", "TURN_LEFT": "turn left", "TURN_RIGHT": "turn right"}
 
 
-def episode_lengths(n_episodes: int, rng: np.random.Generator) -> list[int]:
-    """Lengths in 3..40 with both extremes present."""
-    lengths = [int(x) for x in rng.integers(3, 41, size=n_episodes)]
-    lengths[0], lengths[min(1, n_episodes - 1)] = 3, 40
+LENGTH_PROFILES = {"demo": (3, 40), "r2r": (10, 120)}  # (shortest, longest) episode in steps
+R2R_MEAN_STEPS, R2R_SD_STEPS = 57.0, 20.0
+
+
+def episode_lengths(n_episodes: int, rng: np.random.Generator, profile: str = "demo") -> list[int]:
+    """Episode lengths of a profile with both extremes present: demo uniform in 3..40; r2r normal around 57
+    steps (sd 20) clipped to R2R-CE's 10..120."""
+    if profile not in LENGTH_PROFILES:
+        raise UserError(f"demo-data: --lengths must be one of {sorted(LENGTH_PROFILES)}, got {profile!r}")
+    lo, hi = LENGTH_PROFILES[profile]
+    if profile == "demo":
+        lengths = [int(x) for x in rng.integers(lo, hi + 1, size=n_episodes)]
+    else:
+        lengths = [int(np.clip(round(x), lo, hi)) for x in rng.normal(R2R_MEAN_STEPS, R2R_SD_STEPS, size=n_episodes)]
+    lengths[0], lengths[min(1, n_episodes - 1)] = lo, hi
     return lengths
 
 
@@ -78,7 +98,15 @@ def _milestones(actions: list[str], final_mark: str) -> dict:
     return {"instruction_text": instruction, "subinstructions": subs, "completion_checkpoints": checkpoints}
 
 
-def write_episode(directory: str, episode_id: str, length: int, seed: int, size: tuple[int, int]) -> None:
+def textured(image: Image.Image, sigma: float, seed: int) -> Image.Image:
+    """`image` plus fixed Gaussian noise of `sigma` grey levels (0: unchanged): the entropy of a real frame."""
+    if sigma <= 0:
+        return image
+    noise = np.random.default_rng(seed).normal(0.0, sigma, size=(image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def write_episode(directory: str, episode_id: str, length: int, seed: int, size: tuple[int, int], texture: float = 0.0) -> None:
     """One episode directory: rendered frames, their description JSONs and milestones_result.json."""
     rng = np.random.default_rng(seed)
     actions = scene.plan_actions(rng, length)
@@ -90,6 +118,7 @@ def write_episode(directory: str, episode_id: str, length: int, seed: int, size:
     for idx, (action, pose) in enumerate(zip(actions, poses)):
         stem = os.path.join(directory, step_filename(idx, action, "png")[: -len(".png")])
         image = scene.render(pose, marks, scene.WALLS[wall_index], size, f"{episode_id} step {idx} {action}")
+        image = textured(image, texture, seed * 1009 + idx)
         image.save(stem + ".png", optimize=False, compress_level=6)
         landmark, spatial = scene.describe(pose, marks, wall_name)
         with open(stem + ".json", "w") as fh:
@@ -171,12 +200,37 @@ def annotation_entries(episodes_root: str, episode_id: str, prefix: str) -> list
     return entries
 
 
+def _write_one(args: tuple) -> None:
+    write_episode(*args)
+
+
 def make_demo(
-    out: str, n_episodes: int = 14, size: tuple[int, int] = (640, 480), seed: int = 0, force: bool = False
+    out: str,
+    n_episodes: int = 14,
+    size: tuple[int, int] = (640, 480),
+    seed: int = 0,
+    force: bool = False,
+    *,
+    lengths: list[int] | str = "demo",
+    episode_ids: list[str] | None = None,
+    texture: float = 0.0,
+    workers: int = 1,
 ) -> dict:
-    """Write the demo data set into `out`; returns a summary (episodes, samples, bytes)."""
-    if n_episodes < 2:
-        raise UserError("demo-data: --episodes must be at least 2")
+    """Write the demo data set into `out`; returns a summary (episodes, samples, bytes).
+
+    `lengths`: a profile name (demo | r2r) or one length per episode (>= 2 steps each); `episode_ids`
+    (default ep0000, ep0001, ...) lets a caller place episodes in chosen shards (shards go by episode id).
+    """
+    if isinstance(lengths, str):
+        if n_episodes < 2:
+            raise UserError("demo-data: --episodes must be at least 2")
+    else:
+        n_episodes = len(lengths)
+        if n_episodes < 1 or min(lengths) < 2:
+            raise UserError(f"demo-data: episode lengths must be at least 2 steps, got {lengths}")
+    ids = list(episode_ids) if episode_ids is not None else [f"ep{i:04d}" for i in range(n_episodes)]
+    if len(ids) != n_episodes or len(set(ids)) != n_episodes:
+        raise UserError(f"demo-data: need {n_episodes} distinct episode ids, got {len(ids)} ({len(set(ids))} distinct)")
     if os.path.isdir(out) and os.listdir(out):
         if not force:
             raise UserError(f"demo-data: {out} exists and is not empty; pass --force to replace it")
@@ -188,11 +242,16 @@ def make_demo(
                 os.remove(path)
     root = os.path.join(out, EPISODES_DIR)
     os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lengths = episode_lengths(n_episodes, rng)
-    ids = [f"ep{i:04d}" for i in range(n_episodes)]
-    for i, (episode_id, length) in enumerate(zip(ids, lengths)):
-        write_episode(os.path.join(root, episode_id), episode_id, length, seed * 100003 + i, size)
+    if isinstance(lengths, str):
+        lengths = episode_lengths(n_episodes, np.random.default_rng(seed), lengths)
+    jobs = [(os.path.join(root, episode_id), episode_id, length, seed * 100003 + i, size, texture)
+            for i, (episode_id, length) in enumerate(zip(ids, lengths))]  # fmt: skip
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_write_one, jobs))
+    else:
+        for job in jobs:
+            _write_one(job)
     entries = []
     for episode_id in ids:
         entries += annotation_entries(root, episode_id, f"{EPISODES_DIR}/")
@@ -203,4 +262,5 @@ def make_demo(
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     with open(os.path.join(out, COMPLETE), "w") as fh:
         fh.write("ok\n")
-    return {"episodes": n_episodes, "samples": len(entries), "dagger_trajectories": len(dagger), "bytes": total}
+    return {"episodes": n_episodes, "samples": len(entries), "dagger_trajectories": len(dagger), "bytes": total,
+            "lengths": list(lengths)}

@@ -18,7 +18,7 @@ STAGE_RULES = {
     "shard": ("shard",),
     "precompute": ("precompute_shard",),
     "manifest": ("merge_manifest",),
-    "validate": ("validate_shard", "validate_cache"),
+    "validate": ("validate_shard", "spot_check_cache", "validate_cache"),
     "train": ("train",),
 }
 TRAIN_METRICS = "results/train/{run}/metrics.jsonl"
@@ -46,7 +46,7 @@ def report_inputs(rules, checkpoints, workflow, config: dict) -> Callable:
         shards = shard_names(checkpoints) if rules.has("shard") else []
         run = config.get("train", {}).get("run")
         live_only = config.get("train", {}).get("cache", "") is None  # train.cache: null builds no cache
-        cache_rules = {"precompute_shard", "validate_shard", "merge_manifest", "validate_cache"}
+        cache_rules = {"precompute_shard", "validate_shard", "spot_check_cache", "merge_manifest", "validate_cache"}
         out: dict[str, list[str]] = {}
         for stage, names in STAGE_RULES.items():
             out[stage] = [

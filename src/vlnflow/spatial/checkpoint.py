@@ -5,8 +5,9 @@ under `aggregator.` are kept (an unprefixed aggregator state dict works too);
 the heads (camera, depth, point, track) are ignored with one log line. Every
 aggregator key must be present with the right shape: a missing, unexpected or
 mis-shaped key is an error naming it and the file. Tensors are read one at a
-time (safetensors) or memory-mapped (.pt), so loading the 3.6 GB aggregator
-needs no second copy in memory.
+time (safetensors, straight onto the model's device) or memory-mapped (.pt), so
+loading the 3.6 GB aggregator needs no second copy in memory, and a GPU model
+casts each tensor to its dtype on the GPU.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def find_weights_file(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def open_tensors(file: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]]:
-    """(shapes by key, reader of one tensor) for a safetensors or torch.save file."""
+def open_tensors(file: Path, device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]]:
+    """(shapes by key, reader of one tensor) for a safetensors or torch.save file; safetensors reads onto `device`."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
-            fh = safe_open(str(file), framework="pt")
+            fh = safe_open(str(file), framework="pt", device=str(torch.device(device)))
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         except Exception as exc:  # a corrupt or foreign file: say which
             raise CheckpointError(f"cannot read VGGT weights {file}: {exc}") from exc
@@ -104,22 +105,28 @@ def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: s
             )
 
 
-def load_aggregator_weights(model: nn.Module, path: str | Path) -> str:
-    """Strictly load `path` into `model` (in place, one tensor at a time); return the content digest."""
+def load_aggregator_weights(model: nn.Module, path: str | Path, *, digest: bool = True) -> str | None:
+    """Strictly load `path` into `model` (in place, one tensor at a time); return the content digest.
+
+    With `digest=False` nothing is hashed (None is returned) and safetensors are read straight onto the
+    model's device: the caller knows the digest already (`vlnflow.spatial.fingerprint.weights_digest`).
+    """
     file = find_weights_file(path)
-    with open_tensors(file) as (shapes, read):
+    device = next(model.parameters()).device if not digest else torch.device("cpu")
+    with open_tensors(file, device) as (shapes, read):
         names = aggregator_keys(list(shapes), str(file))
         check_shapes(model, {k: shapes[v] for k, v in names.items()}, str(file))
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256() if digest else None
         targets = model.state_dict()
         with torch.no_grad():
             for key in sorted(targets):
                 tensor = read(names[key])
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"VGGT weights {file}: aggregator key '{PREFIX}{key}' is not a float tensor")
-                _digest_update(digest, key, tensor)
+                if hasher is not None:
+                    _digest_update(hasher, key, tensor)
                 targets[key].copy_(tensor)
-    return digest.hexdigest()
+    return hasher.hexdigest() if hasher is not None else None
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

@@ -28,10 +28,11 @@ from vlnflow.errors import UserError
 from vlnflow.spatial.attention import KERNELS
 from vlnflow.spatial.aggregator import PRESETS, Aggregator, StreamCache
 from vlnflow.spatial.checkpoint import find_weights_file, load_aggregator_weights
-from vlnflow.spatial.fingerprint import CODE_VERSION, fingerprint_of, remember_digest
+from vlnflow.spatial.fingerprint import CODE_VERSION, fingerprint_of, weights_digest
 from vlnflow.spatial.geometry import FrameGeometry, geometry_of, merge_crop
-from vlnflow.spatial.init import build_aggregator, init_random_
+from vlnflow.spatial.init import build_aggregator, init_random_, matmul_modules
 from vlnflow.spatial.layers import Block
+from vlnflow.spatial.shapes import ShapePolicy, compiled_block_fns
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 ENCODER_CODE_VERSION = CODE_VERSION
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPILE_SETTINGS = {"auto": None, "on": True, "off": False}  # spatial.compile; auto = on CUDA only
 
 
 class SpatialEncoder:
@@ -57,8 +59,10 @@ class SpatialEncoder:
         global_backend: str = "prefix",
         sdpa_backend: str | None = None,
         attention: str = "auto",
+        shapes: ShapePolicy | None = None,
     ):
-        """Wrap a float32 CPU `model`; it is cast to the compute dtype and moved to `device`.
+        """Wrap `model` (float32 on the CPU, or already built on `device` in the compute dtypes); its matmul
+        weights are cast to the compute dtype and it is moved to `device` (no-ops when built there).
 
         On CPU the compute dtype is always float32. `compile_blocks` compiles the two
         non-attention halves of a block with torch.compile (default: on CUDA only, where
@@ -67,6 +71,8 @@ class SpatialEncoder:
         efficient | math) pins SDPA's kernel instead of letting PyTorch choose; `attention`
         (auto | flash_attn_4 | sdpa, the `spatial.attention` setting) picks the attention kernel
         of the batched paths: auto = flash-attn-4 on a CUDA sm90+ device in bf16/fp16, else SDPA.
+        `shapes` (vlnflow.spatial.shapes) says which batch axes the compiled code treats as dynamic and how
+        callers pad batches (default: the `dynamic` policy at `batch_size`).
         """
         if reference_frame not in ("first", "last"):
             raise UserError(f"spatial.reference_frame must be 'first' or 'last', got {reference_frame!r}")
@@ -82,6 +88,7 @@ class SpatialEncoder:
         self.batch_size = batch_size
         self.weights_id = weights_id
         self.model = _prepare(model, self.device, self.compute_dtype)
+        self.shapes = shapes or ShapePolicy(batch_size=batch_size)
         if compile_blocks is None:
             compile_blocks = self.device.type == "cuda"
         self.configure(compile_blocks=compile_blocks, global_backend=global_backend, sdpa_backend=sdpa_backend, attention=attention)
@@ -89,12 +96,14 @@ class SpatialEncoder:
 
     def configure(
         self, *, compile_blocks: bool = False, global_backend: str = "prefix", sdpa_backend: str | None = None,
-        attention: str | None = None,
+        attention: str | None = None, shapes: ShapePolicy | None = None,
     ) -> None:
         """Choose how the same math is executed (results agree to rounding; not part of the fingerprint).
 
-        `attention` None keeps the current kernel.
+        `attention` None keeps the current kernel, `shapes` None the current shape policy.
         """
+        if shapes is not None:
+            self.shapes = shapes
         if attention is not None:
             self.model.attention_kernel = self.attention_kernel_for(attention)
         if global_backend not in ("prefix", "flex"):
@@ -105,8 +114,7 @@ class SpatialEncoder:
         self.sdpa_backend = sdpa_backend
         self.compile_blocks = compile_blocks
         if compile_blocks:
-            self.model.qkv_fn = torch.compile(Block.qkv_heads, dynamic=True)
-            self.model.residual_fn = torch.compile(Block.residual, dynamic=True)
+            self.model.qkv_fn, self.model.residual_fn = compiled_block_fns(self.shapes, Block.qkv_heads, Block.residual)
         else:
             self.model.qkv_fn, self.model.residual_fn = Block.qkv_heads, Block.residual
 
@@ -127,31 +135,42 @@ class SpatialEncoder:
 
     @classmethod
     def from_config(cls, spatial_cfg: dict, **options) -> SpatialEncoder:
-        """Build from the validated `spatial` section of config.yaml (extra keyword options pass through)."""
+        """Build from the validated `spatial` section of config.yaml (extra keyword options pass through).
+
+        The model is built on its device in the compute dtypes and the weights are read onto it (a GPU job
+        never holds a float32 copy on the host). The weights' digest comes from the digest cache that the
+        parse-time fingerprint filled (`weights_digest`), so the file is read once, not hashed per job.
+        """
         preset = spatial_cfg.get("preset", "tiny")
         if preset not in PRESETS:
             raise UserError(f"spatial.preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        model = build_aggregator(PRESETS[preset])
+        dtype_name = spatial_cfg.get("dtype", "bfloat16")
+        if dtype_name not in DTYPES:
+            raise UserError(f"spatial.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+        device = resolve_device(spatial_cfg.get("device", "auto"))
+        compute_dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
+        model = build_aggregator(PRESETS[preset], device=device, matmul_dtype=compute_dtype)
         weights = spatial_cfg.get("weights")
         if weights:
             file = find_weights_file(Path(weights).expanduser())
-            digest = load_aggregator_weights(model, file)
-            remember_digest(file, digest)  # parse-time fingerprints then need not reread the file
-            weights_id = "sha256:" + digest
+            weights_id = "sha256:" + weights_digest(file)  # cached by (path, size, mtime) after the first read
+            load_aggregator_weights(model, file, digest=False)
         else:
             seed = int(spatial_cfg.get("seed", 0))
             init_random_(model, seed)
             weights_id = f"random:{preset}:seed={seed}"
-        dtype_name = spatial_cfg.get("dtype", "bfloat16")
-        if dtype_name not in DTYPES:
-            raise UserError(f"spatial.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+        compile_setting = spatial_cfg.get("compile", "auto")
+        if compile_setting not in COMPILE_SETTINGS:
+            raise UserError(f"spatial.compile must be one of {sorted(COMPILE_SETTINGS)}, got {compile_setting!r}")
+        options.setdefault("compile_blocks", COMPILE_SETTINGS[compile_setting])
+        options.setdefault("shapes", ShapePolicy.from_config(spatial_cfg))
         return cls(
             model,
             weights_id=weights_id,
             geometry=geometry_of(spatial_cfg),
             layer=int(spatial_cfg.get("layer", -2)),
             reference_frame=spatial_cfg.get("reference_frame", "last"),
-            device=resolve_device(spatial_cfg.get("device", "auto")),
+            device=device,
             dtype=DTYPES[dtype_name],
             batch_size=int(spatial_cfg.get("batch_size", 4)),
             **{"attention": spatial_cfg.get("attention", "auto"), **options},
@@ -299,9 +318,8 @@ def resolve_device(name: str) -> torch.device:
 
 def _prepare(model: Aggregator, device: torch.device, dtype: torch.dtype) -> Aggregator:
     """Matmul weights (Linear, patch conv) to the compute dtype, the rest stays float32; move; freeze."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.to(dtype)
+    for module in matmul_modules(model):
+        module.to(dtype)
     model = model.to(device).eval()
     model.requires_grad_(False)
     return model

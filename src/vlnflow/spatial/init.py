@@ -1,10 +1,12 @@
 """Building an aggregator without paying for an init that is overwritten anyway.
 
 `build_aggregator` constructs on the meta device and materialises uninitialised
-CPU storage; the caller then either loads weights or calls `init_random_`, a
-seeded init drawn on the CPU so the same (preset, seed) gives bit-identical
-weights in every process and on every machine (the demo, tests and benchmarks
-run on it; its values are not meaningful features).
+storage where the model will run (CPU by default; the encoder builds straight on
+its GPU, with the matmul weights already in the compute dtype, so 1.2 B parameters
+never pass through float32 CPU memory); the caller then either loads weights or
+calls `init_random_`, a seeded init drawn on the CPU so the same (preset, seed)
+gives bit-identical weights in every process and on every machine (the demo, tests
+and benchmarks run on it; its values are not meaningful features).
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ import torch
 from vlnflow.spatial.aggregator import IMAGENET_MEAN, IMAGENET_STD, Aggregator, AggregatorConfig
 
 
-def build_aggregator(config: AggregatorConfig) -> Aggregator:
-    """An Aggregator with uninitialised float32 CPU parameters and filled buffers."""
+def matmul_modules(model: torch.nn.Module):
+    """The modules whose weights run in the compute dtype (Linear, the patch conv); the rest stays float32."""
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def build_aggregator(config: AggregatorConfig, device: str | torch.device = "cpu", matmul_dtype: torch.dtype = torch.float32) -> Aggregator:
+    """An Aggregator with uninitialised parameters on `device` (Linear / conv weights in `matmul_dtype`, the rest
+    float32) and filled buffers."""
     with torch.device("meta"):
         model = Aggregator(config)
-    model = model.to_empty(device="cpu")
+    for module in matmul_modules(model):
+        module.to(matmul_dtype)
+    model = model.to_empty(device=device)
     model.image_mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
     model.image_std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     return model
@@ -51,5 +61,5 @@ def init_random_(model: Aggregator, seed: int) -> Aggregator:
             cpu.uniform_(-0.035, 0.035, generator=gen)
         else:  # camera/register/cls tokens, position table, mask token
             cpu.uniform_(-0.87, 0.87, generator=gen)
-        p.copy_(cpu)
+        p.copy_(cpu)  # cast (and moved) here: the same rounding as casting a float32 model afterwards
     return model
