@@ -17,6 +17,7 @@ stats = precompute_vision_shard(
     snakemake.output.h5,
     snakemake.params.partial,
     snakemake.config,
+    jobs_per_node=gpu.slots if gpu.how == "claimed" else 1,  # GPU jobs sharing this node's cores
 )
 stats["gpu"] = gpu.record()
 with open(snakemake.output.stats, "w") as fh:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vlnflow.cache.precompute import BackgroundWriter, timing_event, to_host_async
+from vlnflow.cache.loader_workers import loader_workers
 from vlnflow.cache.vision_fingerprint import vision_fingerprint
 from vlnflow.cache.writer import ShardWriter
 from vlnflow.errors import DatasetError
@@ -93,8 +94,11 @@ def precompute_vision_shard(
     image_processor=None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    jobs_per_node: int = 1,
 ) -> dict:
     """Fill `out_h5` with the rows of every frame of the shard (resuming `partial_h5`); returns stats.
+
+    `jobs_per_node`: GPU jobs sharing this node's cores (sizes `cache.loader_workers: auto`).
 
     `tower`, `image_processor`, `device`: ready ones (tests, validation); by default built from config on
     spatial.device (the precompute jobs' device setting) exactly as training builds them."""
@@ -129,7 +133,7 @@ def precompute_vision_shard(
         pending = writer.pending
         size = int(cache_cfg["vision_batch"])
         batches = [pending[i : i + size] for i in range(0, len(pending), size)]
-        workers = cache_cfg["loader_workers"]
+        workers = loader_workers(cache_cfg["loader_workers"], jobs_per_node)
         loader = DataLoader(
             ShardImages(Path(config["dataset"]["root"]), frames, batches, geometry, image_processor),
             batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
