@@ -384,7 +384,8 @@ def run_cases(cfg: dict, samples, device, *, per_device: int, warmup: int, steps
     if len(order) < n_batches * per_device:
         raise RuntimeError(f"{len(samples)} samples do not fill {n_batches} micro-batches of {per_device}")
     batches = [order[i * per_device : (i + 1) * per_device] for i in range(n_batches)]
-    shape = ModelShape.of(model)
+    # the shape as the cases switch it: unfused by default (build_model applied Liger where it runs; each case sets it)
+    shape = dataclasses.replace(ModelShape.of(model), fused=False)
     count = step_counter({**cfg, "model": model_cfg})
     tokens_guess = per_device * tokens_per_sample(geometry.tokens_per_frame, int(cfg["history"]["max_frames"]) + 1)
     card_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else CARD_GIB["H200"]
