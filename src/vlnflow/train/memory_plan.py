@@ -32,6 +32,7 @@ decoder layer's bytes per token, so they are not modelled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -232,9 +233,11 @@ class MeasuredPeak:
     checkpointed: int
     measured_gib: float
     bucket_elements: float = 2e8
+    fused: bool = False  # the case ran Liger's fused kernels (fewer saved activations)
 
     def model(self, shape: ModelShape) -> float:
-        m = model_gib(shape, tokens=self.tokens, gpus=self.gpus, checkpointed=self.checkpointed, optimizer=self.preset is not None,
+        m = model_gib(dataclasses.replace(shape, fused=self.fused), tokens=self.tokens, gpus=self.gpus,
+                      checkpointed=self.checkpointed, optimizer=self.preset is not None,
                       bucket_elements=self.bucket_elements, preset=self.preset or "zero2")  # fmt: skip
         return m["states"] + m["activations"]
 
@@ -291,9 +294,11 @@ def _peak_of(name: str, case: dict) -> MeasuredPeak | None:
             ckpt = case.get("layers") or ModelShape().layers
         return MeasuredPeak(source, round(summary["tokens_per_sample"] * case["per_device_batch"]), case["gpus"], case["deepspeed"],
                             ckpt, summary["peak_gib"], float(case.get("zero_bucket_elements") or 2e8))  # fmt: skip
-    if case.get("peak_gib") and case.get("samples") and "checkpointed_layers" in case and case.get("packing") != "stock":
-        tokens = round(case["tokens"] / case["samples"] * case["per_device_batch"])  # --mode fwdbwd: one GPU, no optimizer
-        return MeasuredPeak(source, tokens, 1, None, case["checkpointed_layers"], case["peak_gib"])
+    # --mode fwdbwd: one GPU, no optimizer; only cases that run the whole training model (not the stock model, not
+    # the vision tower or the LLM alone: their memory is another function)
+    if case.get("peak_gib") and case.get("samples") and "checkpointed_layers" in case and case.get("packing") in (None, "main", "workers"):
+        tokens = round(case["tokens"] / case["samples"] * case["per_device_batch"])
+        return MeasuredPeak(source, tokens, 1, None, case["checkpointed_layers"], case["peak_gib"], fused=bool(case.get("fused_kernels")))
     return None
 
 
