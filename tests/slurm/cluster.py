@@ -461,9 +461,10 @@ def write_test_profile(dest: Path, *, partition: str, extra: dict | None = None)
     profile["slurm-no-account"] = True
     # Fake GPUs: drop every GPU/exclusive/CPU/memory request the site profile makes per rule, and keep
     # the rules' own `gpu=N` (meant for local runs) from reaching sbatch as --gpus, as the site profile does.
+    # Of slurm_extra only the warning signal and the log's open mode stay (issue 23's behaviour).
     site_only = {"gres", "gpu", "gpus", "slurm_extra", "constraint", "mem_mb", "cpus_per_task", "runtime"}
     profile["set-resources"] = {
-        rule: {**{k: v for k, v in (res or {}).items() if k not in site_only}, "gpu": 0}
+        rule: {**{k: v for k, v in (res or {}).items() if k not in site_only}, "gpu": 0, **_kept_extra(res or {})}
         for rule, res in (profile.get("set-resources") or {}).items()
     }
     profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5, "jobs": 8})
@@ -472,3 +473,9 @@ def write_test_profile(dest: Path, *, partition: str, extra: dict | None = None)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dest
+
+
+def _kept_extra(resources: dict) -> dict:
+    """The --signal and --open-mode options of a rule's slurm_extra (quoted as the profile quotes it)."""
+    tokens = [t for t in str(resources.get("slurm_extra", "")).strip("'\"").split() if t.startswith(("--signal", "--open-mode"))]
+    return {"slurm_extra": "'" + " ".join(tokens) + "'"} if tokens else {}

@@ -259,6 +259,7 @@ def write_report(
     host: dict | None = None,
 ) -> pd.DataFrame:
     """Collect, then write report.md, report.csv and timing.png; returns the stage table."""
+    from vlnflow.report.attempts import attempts_markdown
     from vlnflow.report.cache_decision import cache_decision_markdown
     from vlnflow.report.per_gpu import per_gpu_markdown
     from vlnflow.report.plot import plot_timing
@@ -277,6 +278,7 @@ def write_report(
     text = render_markdown(table, comparison, proj, command=command, host=host or machine(), run=run, samples_source=source)
     text += per_gpu_markdown(inputs.precompute_stats)
     text += cache_decision_markdown(table, runs, samples, gpus, source)
+    text += attempts_markdown(inputs.train_metrics)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)
