@@ -141,7 +141,8 @@ def test_bad_hand_launch_is_a_clear_error(env, message):
 
 def test_rule_resources_use_srun_only_for_several_nodes():
     assert slurm_resources({"nodes": 2}) == {"nodes": 2, "tasks": 2, "mpi": "srun"}
-    assert slurm_resources({"nodes": 1}) == {"nodes": 1}  # the executor's own one-task step is enough
+    # one node: un-wrapped too (mpi present), so the launch's srun step is the only one the warning reaches
+    assert slurm_resources({"nodes": 1}) == {"nodes": 1, "tasks": 1, "mpi": ""}
 
 
 # ----------------------------------------------------------------------------- Slurm node list

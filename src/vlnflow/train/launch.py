@@ -181,11 +181,14 @@ def slurm_resources(cluster: Mapping) -> dict:
     """Snakemake resources for a rule that calls `vlnflow launch` (use as `resources: **slurm_resources(...)`).
 
     More than one node needs mpi="srun" and one task per node: without `mpi` the Slurm
-    executor wraps the rule in a one-task step and the job silently runs on one node. The
-    site part (gres, CPUs, memory, --exclusive) stays in the profile's set-resources.
+    executor wraps the rule in a one-task step and the job silently runs on one node. One
+    node gets mpi="" (the plugin's jobstep checks only that the key exists): the rule then runs
+    in the batch step, un-wrapped, as on several nodes, so the launch's own srun step is the
+    job's only step and Slurm's warning signal (sent to the steps) reaches the ranks and not
+    Snakemake. The site part (gres, CPUs, memory, --exclusive) stays in the profile's set-resources.
     """
     nodes = int(cluster["nodes"])
-    return {"nodes": nodes, "tasks": nodes, "mpi": "srun"} if nodes > 1 else {"nodes": 1}
+    return {"nodes": nodes, "tasks": nodes, "mpi": "srun"} if nodes > 1 else {"nodes": 1, "tasks": 1, "mpi": ""}
 
 
 def describe_failure(node: str, node_rank: int, nnodes: int, endpoint: str, returncode: int,
