@@ -102,6 +102,9 @@ class LocalSlurm:
     partition: str = "debug"
     cluster_name: str = "vlnflowtest"
     lock_timeout_s: float = 1200.0
+    # Step credential lifetime; also how long a requeued job waits before it may start again (default 120 s;
+    # releasing it earlier by hand fails its launch: "Job credential revoked"). Short here for quick requeues.
+    cred_expire_s: int = 15
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -287,7 +290,7 @@ SlurmctldPort={self.ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n

@@ -8,8 +8,8 @@ checkpoint. This process then exits at once: Snakemake inside this run of the jo
 job and removes its outputs (the next run rebuilds metrics.jsonl from the checkpoint), which the
 requeue overrides. Waiting for Slurm's SIGTERM instead is no safer: where Slurm tracks processes
 by parentage (proctrack/linuxproc), a waiting process whose parents died escapes the SIGKILL and
-would act later, beside the next run. Slurm holds a requeued job for about two minutes
-(Reason=BeginTime) before it can start again.
+would act later, beside the next run. Slurm holds a requeued job for AuthInfo's cred_expire
+(120 s by default, Reason=BeginTime) before it can start again.
 
 The bound: `train.max_requeues` requeues of one Slurm job (its `Restarts` count, which also
 counts Slurm's own requeues after a node failure or preemption). Past it, or outside Slurm, or
