@@ -230,6 +230,7 @@ class LocalSlurm:
         for name in reversed(list(self.processes)):
             self._terminate(name, self.processes[name])
         self.processes.clear()
+        self._kill_escaped_job_processes()
         self._restore_system_conf()
         self._release_lock()
 
@@ -441,6 +442,29 @@ StorageLoc=slurm_acct_db
                 return
             time.sleep(0.3)
         raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def _kill_escaped_job_processes(self) -> list[int]:
+        """SIGKILL what this cluster's jobs left running. proctrack/linuxproc follows parentage, so a job
+        process whose parents died first (e.g. Snakemake inside a job that was requeued) is re-parented to
+        init and escapes Slurm's own kill; it still carries the job's SLURM_CLUSTER_NAME and SLURM_JOB_ID."""
+        mark = f"SLURM_CLUSTER_NAME={self.cluster_name}".encode()
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mark in environ and any(v.startswith(b"SLURM_JOB_ID=") for v in environ):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except ProcessLookupError:
+                    pass
+        if killed:
+            print(f"local Slurm: killed {len(killed)} process(es) its jobs left behind: {killed}")
+        return killed
 
     @staticmethod
     def _terminate(name: str, proc: subprocess.Popen) -> None:
