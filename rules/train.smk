@@ -23,7 +23,9 @@ rule train:
     resources:
         nodes=NODES,
         tasks=NODES,
-        mpi="srun" if NODES > 1 else "",  # the plugin runs a multi-node rule un-wrapped only with mpi set
+        # With `mpi` set (also "" on one node) the Slurm plugin runs the script in the batch step, un-wrapped:
+        # `vlnflow launch` then gives the ranks an srun step of their own, which the warning signal reaches.
+        mpi="srun" if NODES > 1 else "",
         # GPUs of the whole run (`gpu=N` is a job total); none on the CPU demo (backend gloo)
         gpu=config["cluster"]["gpus_per_node"] * NODES if config["cluster"]["backend"] == "nccl" else 0,
     log:

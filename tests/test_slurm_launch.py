@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,9 +108,16 @@ def test_slurm_node_count_must_match_config():
         plan_launch(cluster_cfg(nodes=1), "t.py", [], environ={}, slurm=two_nodes())
 
 
-def test_one_node_slurm_job_runs_torchrun_directly():
-    plan = plan_launch(cluster_cfg(), "t.py", [], environ={}, slurm=SlurmAllocation("5", ("gpu03",), "gpu03"))
-    assert plan.mode == "local" and plan.argv[0] != "srun" and "--rdzv-id=vlnflow-5" in plan.argv
+def test_one_node_slurm_job_also_runs_its_ranks_in_a_job_step_of_their_own():
+    """Slurm's warning (--signal=USR1@T, without B:) reaches the job steps only, not the batch shell where
+    Snakemake runs: the ranks need a step of their own, also on one node (issue 23)."""
+    plan = plan_launch(cluster_cfg(), "t.py", [], environ={}, slurm=SlurmAllocation("5", ("gpu03",), "10.0.0.3", 64))
+    assert plan.mode == "slurm" and plan.argv[0] == "srun" and plan.nodes == ("gpu03",)
+    for flag in ("--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=64", "--overlap"):
+        assert flag in plan.argv, flag
+    agent = plan.argv[plan.argv.index("vlnflow.train.launch") + 1:]
+    assert agent[0] == "--node-agent" and "--nnodes=1" in agent and "--rdzv-id=vlnflow-5" in agent
+    assert "--rdzv-endpoint=10.0.0.3:29500" in agent and agent[-2:] == ["--", "t.py"]
 
 
 def test_hand_launched_two_nodes_use_env_overrides():
@@ -133,7 +141,8 @@ def test_bad_hand_launch_is_a_clear_error(env, message):
 
 def test_rule_resources_use_srun_only_for_several_nodes():
     assert slurm_resources({"nodes": 2}) == {"nodes": 2, "tasks": 2, "mpi": "srun"}
-    assert slurm_resources({"nodes": 1}) == {"nodes": 1}  # the executor's own one-task step is enough
+    # one node: un-wrapped too (mpi present), so the launch's srun step is the only one the warning reaches
+    assert slurm_resources({"nodes": 1}) == {"nodes": 1, "tasks": 1, "mpi": ""}
 
 
 # ----------------------------------------------------------------------------- Slurm node list
@@ -206,6 +215,10 @@ def test_profile_keys_are_snakemake_options_and_match_config():
     # The profile is for the 8-GPU cluster (config.yaml is the CPU demo): it matches the schema default.
     assert profile["set-resources"]["train"]["gres"] == f"gpu:{cluster_cfg()['gpus_per_node']}"
     assert profile["set-resources"]["precompute_shard"]["gres"] == "gpu:1"
+    # Issue 23: Slurm's warning goes to the job steps ("B:" would kill the batch shell Snakemake runs in),
+    # and a train job that stopped on it may requeue itself.
+    extra = profile["set-resources"]["train"]["slurm_extra"]
+    assert re.search(r"--signal=USR1@\d+\b", extra) and "B:" not in extra and profile["slurm-requeue"] is True
 
 
 def test_cli_dry_run_prints_env_and_command(tmp_path, capsys, monkeypatch):

@@ -2,9 +2,11 @@
 
 A run killed after step 3 (its last complete checkpoint is step 2; a half-written step 3
 checkpoint lies beside it) resumes and continues the uninterrupted run's loss curve and its
-cached/live sample counters exactly (fp32 on CPU); keep_last prunes old checkpoints; a cache
-built by another encoder is refused unless train.allow_fingerprint_mismatch is set; the
-zero2_offload and zero3 presets train, checkpoint and resume to the same curve as zero2.
+cached/live sample counters exactly (fp32 on CPU), its metrics.jsonl and TensorBoard curves
+holding every step once; keep_last prunes old checkpoints; a cache built by another encoder is
+refused unless train.allow_fingerprint_mismatch is set; the zero2_offload and zero3 presets
+train, checkpoint and resume to the same curve as zero2. Issue 23: a run stopped by SIGUSR1, then
+by train.max_hours, saves where it stops, exits 75 and resumes bit for bit.
 Training runs in subprocesses (DeepSpeed's distributed state must not leak into pytest).
 """
 
@@ -17,26 +19,33 @@ import torch
 
 from train_helpers import Run, build_cache, partial_cache, run_trainer, step_order
 from vlnflow.config import deep_merge
+from vlnflow.train.attempts import read_attempts, read_records
+from vlnflow.train.stop import EXIT_STOPPED
 
 CRASH_RC = 17
 LOSS_ATOL = 1e-6  # fp32 on CPU, same data order: a resumed run must reproduce the curve bit for bit (almost)
 PRESET_RTOL = 1e-5  # another ZeRO stage / DeepSpeedCPUAdam instead of torch AdamW: same math, other kernels
 
 # Runs vlnflow.train.run; --crash-after-metrics N / --crash-after-save N kill the process (no cleanup,
-# like a node failure) right after step N's metrics line / step N's checkpoint is written.
+# like a node failure) right after step N's metrics line / step N's checkpoint is written;
+# --signal-after-metrics N sends the process SIGUSR1 (Slurm's warning) right after step N's line.
 DRIVER = """
-import os, sys
+import os, signal, sys
 crash = {}
-while sys.argv[1].startswith("--crash-after-"):
+while sys.argv[1].startswith(("--crash-after-", "--signal-after-")):
     flag, step = sys.argv.pop(1), int(sys.argv.pop(1))
     crash[flag] = step
 from vlnflow.train import checkpoints, metrics
-if "--crash-after-metrics" in crash:
+if "--crash-after-metrics" in crash or "--signal-after-metrics" in crash:
     write = metrics.MetricsLog.write
     def write_then_crash(self, **record):
         write(self, **record)
-        if record["step"] == crash["--crash-after-metrics"]:
+        if record["step"] == crash.get("--crash-after-metrics"):
+            if self._tb is not None:
+                self._tb.flush()  # as after a long run's periodic flush: the events of this step are on disk
             os._exit(%d)
+        if record["step"] == crash.get("--signal-after-metrics"):
+            os.kill(os.getpid(), signal.SIGUSR1)
     metrics.MetricsLog.write = write_then_crash
 if "--crash-after-save" in crash:
     save = checkpoints.save
@@ -94,8 +103,10 @@ def straight(setup):
 
 @pytest.fixture(scope="module")
 def resumed(setup):
-    """Killed right after step 3's metrics (before its checkpoint), a half-written step 3 checkpoint planted, rerun."""
-    work, overrides, _ = setup
+    """Killed right after step 3's metrics (before its checkpoint), a half-written step 3 checkpoint planted, rerun
+    (TensorBoard on: its curves must not repeat step 3 either)."""
+    work, setup_overrides, _ = setup
+    overrides = deep_merge(setup_overrides, {"train": {"tensorboard": True}})
     crashed = train(work, "resumed", overrides, driver_flags=("--crash-after-metrics", "3"), expect_rc=CRASH_RC)
     ckpt = crashed.dir / "checkpoints"
     assert crashed.checkpoints() == ["step_0000001", "step_0000002"]
@@ -110,8 +121,9 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(straight, resumed):
     crashed, run = resumed
     assert [m["step"] for m in straight.metrics] == [1, 2, 3, 4]
     assert [m["step"] for m in crashed.metrics] == [1, 2, 3]
-    assert [m["step"] for m in run.metrics] == [1, 2, 3, 3, 4]  # step 3 again: its checkpoint never completed
-    assert "resuming at optimizer step 2" in run.log
+    # step 3 once: the resumed run put metrics.jsonl back to its checkpoint (step 2) and ran step 3 again
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    assert "resuming at optimizer step 2" in run.log and "metrics.jsonl put back to step 2" in run.log
     ref = [m["loss"] for m in straight.metrics]
     assert abs(ref[3] - ref[0]) > 1000 * LOSS_ATOL  # the curve moves: a wrong resume would show
     got = run.by_step()
@@ -120,6 +132,52 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(straight, resumed):
         assert got[step]["lr"] == pytest.approx(straight.metrics[step - 1]["lr"], rel=1e-9, abs=1e-15)
     assert abs(crashed.metrics[2]["loss"] - ref[2]) <= LOSS_ATOL
     assert run.metrics[-1]["epoch"] == straight.metrics[-1]["epoch"]
+
+
+@pytest.mark.slow
+def test_tensorboard_curves_of_a_resumed_run_hold_each_step_once(straight, resumed):
+    """The resumed writer purges what the crashed attempt logged after the checkpoint (step 3)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = resumed
+    events = EventAccumulator(str(run.dir / "tb"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4]
+    assert [e.value for e in scalars] == pytest.approx([m["loss"] for m in straight.metrics], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_stopped_runs_save_exit_75_and_resume_bit_for_bit(setup, straight):
+    """SIGUSR1 after step 1 (Slurm's warning, the trainer run alone), then train.max_hours too short for
+    another step: each attempt saves where it stops (save_every is far off), exits 75 without summary.json,
+    and the next one resumes there; the losses and lr equal the uninterrupted run's, step for step."""
+    work, setup_overrides, _ = setup
+    overrides = deep_merge(setup_overrides, {"train": {"save_every": 100, "keep_last": 5}})
+    signalled = train(work, "stopped", overrides, driver_flags=("--signal-after-metrics", "1"), expect_rc=EXIT_STOPPED)
+    assert signalled.checkpoints() == ["step_0000001"] and [m["step"] for m in signalled.metrics] == [1]
+    assert "stopping after step 1 of 4: stop_request (SIGUSR1 to pid" in signalled.log
+    assert not (signalled.dir / "summary.json").exists()
+
+    budgeted = train(work, "stopped", overrides, "--set", "train.max_hours=1e-6", expect_rc=EXIT_STOPPED)
+    assert budgeted.checkpoints() == ["step_0000001", "step_0000002"]
+    assert "stopping after step 2 of 4: max_hours (train.max_hours 1e-06 h" in budgeted.log
+    assert not (budgeted.dir / "summary.json").exists()
+
+    run = train(work, "stopped", overrides)
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]  # every step once across the three attempts
+    for got, ref in zip(run.metrics, straight.metrics):
+        assert (got["loss"], got["lr"], got["live_samples"]) == (ref["loss"], ref["lr"], ref["live_samples"])
+    assert (run.dir / "summary.json").exists()
+
+    attempts = read_attempts(run.dir / "attempts.jsonl")
+    assert [(a.number, a.resumed_step, a.last_step, a.reason) for a in attempts] == [
+        (1, 0, 1, "stop_request"), (2, 1, 2, "max_hours"), (3, 2, 4, "done")]
+    assert attempts[0].why.startswith("SIGUSR1 to pid") and attempts[1].why.startswith("train.max_hours")
+    assert all(a.restart_lost_s > 0 for a in attempts[1:]) and attempts[0].restart_lost_s is None
+    # the stop's own checkpoint is recorded (and in the second attempt the only one)
+    events = [(r["attempt"], r["event"], r.get("step")) for r in read_records(run.dir / "attempts.jsonl")]
+    assert (2, "checkpoint", 2) in events and (1, "checkpoint", 1) in events
 
 
 @pytest.mark.slow

@@ -102,6 +102,9 @@ class LocalSlurm:
     partition: str = "debug"
     cluster_name: str = "vlnflowtest"
     lock_timeout_s: float = 1200.0
+    # Step credential lifetime; also how long a requeued job waits before it may start again (default 120 s;
+    # releasing it earlier by hand fails its launch: "Job credential revoked"). Short here for quick requeues.
+    cred_expire_s: int = 15
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -227,6 +230,7 @@ class LocalSlurm:
         for name in reversed(list(self.processes)):
             self._terminate(name, self.processes[name])
         self.processes.clear()
+        self._kill_escaped_job_processes()
         self._restore_system_conf()
         self._release_lock()
 
@@ -287,7 +291,7 @@ SlurmctldPort={self.ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
@@ -439,6 +443,29 @@ StorageLoc=slurm_acct_db
             time.sleep(0.3)
         raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
+    def _kill_escaped_job_processes(self) -> list[int]:
+        """SIGKILL what this cluster's jobs left running. proctrack/linuxproc follows parentage, so a job
+        process whose parents died first (e.g. Snakemake inside a job that was requeued) is re-parented to
+        init and escapes Slurm's own kill; it still carries the job's SLURM_CLUSTER_NAME and SLURM_JOB_ID."""
+        mark = f"SLURM_CLUSTER_NAME={self.cluster_name}".encode()
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mark in environ and any(v.startswith(b"SLURM_JOB_ID=") for v in environ):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except ProcessLookupError:
+                    pass
+        if killed:
+            print(f"local Slurm: killed {len(killed)} process(es) its jobs left behind: {killed}")
+        return killed
+
     @staticmethod
     def _terminate(name: str, proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
@@ -461,9 +488,10 @@ def write_test_profile(dest: Path, *, partition: str, extra: dict | None = None)
     profile["slurm-no-account"] = True
     # Fake GPUs: drop every GPU/exclusive/CPU/memory request the site profile makes per rule, and keep
     # the rules' own `gpu=N` (meant for local runs) from reaching sbatch as --gpus, as the site profile does.
+    # Of slurm_extra only the warning signal and the log's open mode stay (issue 23's behaviour).
     site_only = {"gres", "gpu", "gpus", "slurm_extra", "constraint", "mem_mb", "cpus_per_task", "runtime"}
     profile["set-resources"] = {
-        rule: {**{k: v for k, v in (res or {}).items() if k not in site_only}, "gpu": 0}
+        rule: {**{k: v for k, v in (res or {}).items() if k not in site_only}, "gpu": 0, **_kept_extra(res or {})}
         for rule, res in (profile.get("set-resources") or {}).items()
     }
     profile.update({"slurm-init-seconds-before-status-checks": 2, "latency-wait": 5, "jobs": 8})
@@ -472,3 +500,9 @@ def write_test_profile(dest: Path, *, partition: str, extra: dict | None = None)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dest
+
+
+def _kept_extra(resources: dict) -> dict:
+    """The --signal and --open-mode options of a rule's slurm_extra (quoted as the profile quotes it)."""
+    tokens = [t for t in str(resources.get("slurm_extra", "")).strip("'\"").split() if t.startswith(("--signal", "--open-mode"))]
+    return {"slurm_extra": "'" + " ".join(tokens) + "'"} if tokens else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -32,6 +33,26 @@ def test_batch_jobs_are_accounted(slurm_cluster, tmp_path):
         time.sleep(1)
     assert record is not None, f"sacct never listed job {job}"
     assert record["State"] == "COMPLETED" and record["NNodes"] == "2" and record["NodeList"] == "n[1-2]"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_processes_that_escape_slurm_are_killed_at_stop(slurm_cluster, tmp_path):
+    """With proctrack/linuxproc a job's process whose parent exits first outlives the job (as Snakemake
+    inside a requeued job can); the fixture's clean-up finds it by the job's SLURM_* variables."""
+    pid_file = tmp_path / "orphan.pid"
+    job = slurm_cluster.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--wrap",
+                             f"setsid sleep 300 & echo $! > {pid_file}"]).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(r["JobID"] == job and r["State"] == "COMPLETED" for r in slurm_cluster.sacct()):
+            break
+        time.sleep(1)
+    orphan = int(pid_file.read_text())
+    assert os.path.exists(f"/proc/{orphan}"), "the orphan did not outlive its job"
+    assert orphan in slurm_cluster._kill_escaped_job_processes()
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{orphan}") or "Z" in open(f"/proc/{orphan}/stat").read().split()[2]
 
 
 def test_missing_binaries_give_a_not_run_reason(monkeypatch):

@@ -3,12 +3,15 @@
 On a small demo (3 episodes, 64x48 frames, 2 cache shards, tiny models, gloo) through a test
 copy of the site profile: each shard's precompute is its own Slurm job; train is ONE Slurm
 job on n1 and n2 whose world is 2 nodes x 1 process; every rank logs its node, host and rank;
-the run finishes. Then the fault test: rank 1 is SIGKILLed after step 3 (test-only hook
+the run finishes. Then the warned stop (issue 23): Slurm's warning signal to a running train
+job stops it at a step boundary after a checkpoint there, the job requeues itself (no retry
+used), and its next run resumes and matches the uninterrupted run's losses step for step.
+Then the fault test: rank 1 is SIGKILLed after step 3 (test-only hook
 VLNFLOW_TEST_KILL_RANK_AT_STEP, checkpoint step 2 complete): the Slurm job fails with a line
 naming the node, the profile's `retries` resubmits it, and the new job resumes from step 2.
 
-The two Slurm tests share one workflow copy (module scope) and run in file order: the fault
-test reuses the cache the first one built.
+The Slurm tests share one workflow copy (module scope) and run in file order: the later ones
+reuse the cache the first one built and compare with its run.
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ import json
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from conftest import WorkflowCopy, copy_workflow
+from vlnflow.report.attempts import attempts_markdown
 from vlnflow.train import dist_check, launch
+from vlnflow.train.attempts import read_attempts
 from vlnflow.train.trainer import TEST_KILL_ENV
 
 from .cluster import free_ports
 
 NODES, PROCS_PER_NODE = 2, 1
+MAX_STEPS = 8  # the uninterrupted run (first test) and the warned one train the same steps
 SHARDS = ["shard_00000", "shard_00001"]
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 ATTEMPT = re.compile(r"^# train attempt in Slurm job (\d+) on \S+$", re.M)
@@ -73,7 +81,7 @@ def wf(slurm_cluster, tmp_path_factory) -> WorkflowCopy:
         "cache": {"spot_check": 1},
         "cluster": {"nodes": NODES, "gpus_per_node": PROCS_PER_NODE, "backend": "gloo", "rdzv_port": port,
                     "rdzv_timeout_s": 120},
-        "train": {"max_steps": 3, "save_every": 2, "loader": {"workers": 0}},
+        "train": {"max_steps": MAX_STEPS, "save_every": 2, "loader": {"workers": 0}},
     })
     slurm_cluster.write_profile(dest / "slurm_h800")  # found by name from the workflow root
     return copy
@@ -109,10 +117,92 @@ def test_precompute_shards_and_one_two_node_train_job(slurm_cluster, wf):
     # The run finished with world size = nodes x processes per node.
     run_dir = wf.path / "results/train/demo"
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
     assert {m["world_size"] for m in metrics} == {NODES * PROCS_PER_NODE}
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == summary["max_steps"] == 3 and summary["world_size"] == 2
+    assert summary["step"] == summary["max_steps"] == MAX_STEPS and summary["world_size"] == 2
+
+
+def wait_for(what: str, check, timeout: float, poll: float = 0.2):
+    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def last_step(metrics_path: Path) -> int:
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_warning_signal_stops_at_a_saved_step_and_the_requeued_job_resumes_exactly(slurm_cluster, wf):
+    """Mid-run, the job gets USR1 as `--signal=USR1@T` sends it (to its job steps): the ranks stop together
+    after a step, save there (save_every is far off), the job requeues itself under the same id with
+    `retries: 0` (a stop is no failure), and its next run resumes: every step once in metrics.jsonl, the
+    losses and lr equal the uninterrupted run's step for step, and the monitor and report show both attempts."""
+    (port,) = free_ports(1)
+    wf.configure({"cluster": {"rdzv_port": port}, "train": {"run": "warned", "save_every": 100, "keep_last": 2}})
+    run_dir = wf.path / "results/train/warned"
+    with ThreadPoolExecutor(1) as pool:
+        snakemake = pool.submit(slurm_cluster.snakemake, wf.path, "--profile", "slurm_h800", "train", "--retries", "0",
+                                "--slurm-keep-successful-logs", timeout=900)
+        wait_for("step 2 in metrics.jsonl", lambda: snakemake.done() or last_step(run_dir / "metrics.jsonl") >= 2, 600)
+        assert not snakemake.done(), snakemake.result()
+        (job,) = slurm_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+        signalled_after = last_step(run_dir / "metrics.jsonl")
+        slurm_cluster.run(["scancel", "--signal=USR1", job])  # to the job steps, as --signal=USR1@T does
+        # The requeued job waits cred_expire (15 s on the test cluster, 120 s by default) before it runs again.
+        proc = snakemake.result()
+    assert re.findall(r"has been submitted with SLURM jobid (\d+)", proc.stdout + proc.stderr) == [job]  # no resubmission
+
+    # One Slurm job, run twice: REQUEUED, then COMPLETED.
+    history = slurm_cluster.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.split()
+    assert history == ["REQUEUED", "COMPLETED"], history
+
+    # The first run stopped at a step boundary after saving there; the second resumed from that checkpoint.
+    first, second = read_attempts(run_dir / "attempts.jsonl")
+    stop_step = first.last_step
+    assert signalled_after <= stop_step < MAX_STEPS, (signalled_after, stop_step)
+    assert (first.job_id, first.reason, first.resumed_step) == (job, "stop_request", 0)
+    assert re.fullmatch(r"SIGUSR1 on node n[12]", first.why), first.why
+    assert (second.job_id, second.reason, second.resumed_step, second.last_step) == (job, "done", stop_step, MAX_STEPS)
+    assert second.restart_lost_s > 0
+    train_log = (run_dir / "train.log").read_text()
+    stop_line = f"stopping after step {stop_step} of {MAX_STEPS}: stop_request (SIGUSR1 on node n"
+    saved_line = f"checkpoint step_{stop_step:07d} saved"
+    assert stop_line in train_log and saved_line in train_log.split(stop_line, 1)[1], train_log[-3000:]
+    assert f"resumed from results/train/warned/checkpoints/step_{stop_step:07d}" in train_log
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{stop_step:07d}",
+                                                                               f"step_{MAX_STEPS:07d}"]
+    slurm_log = (wf.path / f".snakemake/slurm_logs/rule_train/{job}.log").read_text()  # both runs (open-mode append)
+    assert f"training stopped on request after step {stop_step} (stop_request: SIGUSR1 on node n" in slurm_log
+    assert f"requeued Slurm job {job} (requeue 1 of at most 20, train.max_requeues)" in slurm_log
+
+    # Every step once, and the same numbers as the uninterrupted run (gloo on CPU: bit for bit).
+    metrics = read_metrics(run_dir)
+    reference = read_metrics(wf.path / "results/train/demo")
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
+    assert [(m["loss"], m["lr"]) for m in metrics] == [(m["loss"], m["lr"]) for m in reference]
+    assert (run_dir / "summary.json").exists()
+
+    # vlnflow monitor and the benchmark report's section show both attempts.
+    monitor = subprocess.run([str(Path(sys.executable).parent / "vlnflow"), "monitor", "--once", str(run_dir)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "attempts: 2, restarts lost" in monitor, monitor
+    assert f"#1 job {job}: steps 1-{stop_step} ({stop_step} done), stop_request: SIGUSR1 on node n" in monitor
+    assert f"#2 job {job}: steps {stop_step + 1}-{MAX_STEPS} ({MAX_STEPS - stop_step} done), done; restart lost" in monitor
+    report = attempts_markdown([str(run_dir / "metrics.jsonl")])
+    assert f"| 1 | {job} |" in report and f"| 2 | {job} |" in report and "stop_request (SIGUSR1 on node n" in report
 
 
 @pytest.mark.slurm
@@ -156,9 +246,10 @@ def test_killed_rank_fails_the_job_and_the_retry_resumes(slurm_cluster, wf):
     assert re.findall(r"checkpoint step_(\d+) saved", before)[-1] == f"{last_complete:07d}", before[-3000:]
     assert kill_step - last_complete < save_every
     assert re.findall(r"step (\d+)/\d+ loss", after) == [str(s) for s in range(last_complete + 1, max_steps + 1)]
-    # Final metrics: the resumed steps up to max_steps (Snakemake removed the failed job's metrics.jsonl).
+    # Final metrics: every step once. Snakemake removed the failed job's metrics.jsonl; the resumed run put
+    # it back from the checkpoint's copy (steps 1..2) and wrote the rest, step 3 only once.
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics][-(max_steps - last_complete):] == list(range(last_complete + 1, max_steps + 1))
+    assert [m["step"] for m in metrics] == list(range(1, max_steps + 1))
     assert {m["world_size"] for m in metrics} == {NODES * PROCS_PER_NODE}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == max_steps and summary["world_size"] == 2

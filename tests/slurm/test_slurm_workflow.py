@@ -3,7 +3,9 @@
 Proves what the real workflow relies on: single-task rules become separate Slurm jobs,
 a failed job is resubmitted (profile `retries`), and a rule with nodes=2, mpi="srun",
 tasks=2 is ONE Slurm job whose `vlnflow launch` starts one torchrun per node that join
-into one world (2 nodes x 1 process, gloo) with a correct all-reduce.
+into one world (2 nodes x 1 process, gloo) with a correct all-reduce. On one node
+(slurm_resources: mpi="") the launch's own srun step is the job's only step, the one Slurm's
+warning signal reaches (issue 23).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SNAKEFILE = textwrap.dedent('''
     HELLO = range(3)
 
     rule all:
-        input: expand("out/hello_{i}.txt", i=HELLO), "out/flaky.txt", "out/dist_check.json"
+        input: expand("out/hello_{i}.txt", i=HELLO), "out/flaky.txt", "out/dist_check.json", "out/one_node.json"
 
     rule hello:
         output: "out/hello_{i}.txt"
@@ -53,6 +55,15 @@ SNAKEFILE = textwrap.dedent('''
         shell:
             "(echo job=$SLURM_JOB_ID; vlnflow launch --config cluster.yaml -- {params.script} --out {output}) "
             "> {log} 2>&1"
+
+    rule one_node:  # one node, two processes
+        output: "out/one_node.json"
+        log: "logs/one_node.log"
+        params: script=config["dist_check"]
+        resources: **slurm_resources({"nodes": 1})  # nodes=1, tasks=1, mpi="": not wrapped in a step
+        shell:
+            "(echo job=$SLURM_JOB_ID; vlnflow launch --config cluster.yaml --nodes 1 --gpus-per-node 2 "
+            "-- {params.script} --out {output}) > {log} 2>&1"
 ''')
 
 
@@ -92,6 +103,15 @@ def test_profile_runs_jobs_and_one_two_node_launch(slurm_cluster, tmp_path: Path
     assert sorted(r["node_rank"] for r in report["ranks"]) == [0, 1]
     for rank in report["ranks"]:  # the node rank each agent got from srun matches its node
         assert rank["node_rank"] == {"n1": 0, "n2": 1}[rank["node"]], rank
+    # One node: the launch's srun step is the job's only step (the plugin did not wrap the rule in one).
+    one_log = (work / "logs/one_node.log").read_text()
+    one_job = re.search(r"job=(\d+)", one_log).group(1)
+    one = json.loads((work / "out/one_node.json").read_text())
+    assert (one["world_size"], one["nnodes"]) == (2, 1) and "slurm: 1 node(s) x 2 process(es)" in one_log, one_log
+    assert one["all_reduce"]["ok"], one
+    steps = slurm_cluster.run(["sacct", "-j", one_job, "-n", "-P", "-o", "JobID"]).stdout.split()
+    assert sorted(steps) == sorted([one_job, f"{one_job}.batch", f"{one_job}.0"]), steps
+
     # Every rank logged its rank and host, and the launch said which nodes it spans.
     logged = set(re.findall(r"\[dist_check\] rank (\d)/2 local_rank 0 node (n\d) node_rank \d host \S+", log))
     assert {node for _, node in logged} == {"n1", "n2"} and {rank for rank, _ in logged} == {"0", "1"}, log

@@ -1,4 +1,5 @@
-"""`vlnflow monitor [LOG | RUN_DIR]`: follow a training run and print s/it, steps/s, ETA, loss, cache counts and GPU memory."""
+"""`vlnflow monitor [LOG | RUN_DIR]`: follow a training run and print s/it, steps/s, ETA, loss, cache counts,
+its attempts (stop reasons, restart time lost) and GPU memory."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vlnflow.monitor.readers import LogFollower
 from vlnflow.monitor.report import format_report
 from vlnflow.monitor.sources import RunSource, resolve_source
 from vlnflow.monitor.stats import RunState, Summary, summarize
+from vlnflow.train.attempts import Attempt, read_attempts
 
 STATUS_KEYS = ("cache_manifest", "cached_batches")  # what the status log contributes next to metrics.jsonl
 
@@ -38,6 +40,10 @@ class RunFollower:
                 if kept:
                     self.state.update(kept)
         return summarize(self.state)
+
+    def attempts(self) -> list[Attempt]:
+        """The run's attempts (a small file, read whole each time)."""
+        return read_attempts(self.source.attempts_log) if self.source.attempts_log else []
 
     def problems(self) -> list[str]:
         found = []
@@ -88,7 +94,8 @@ def monitor(
         summary = run.poll()
         log = run.source.step_log
         print(
-            format_report(summary, read_gpus(), log=log, now=clock(), log_exists=log.exists(), problems=run.problems()),
+            format_report(summary, read_gpus(), log=log, now=clock(), log_exists=log.exists(), problems=run.problems(),
+                          attempts=run.attempts()),
             file=out,
             flush=True,
         )

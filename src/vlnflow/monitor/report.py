@@ -5,9 +5,14 @@
       losses: text=1.9200 head=0.3900 (weight 1) subinstruction=1.2100 2d=2.4000 3d=2.0500 action=0.0800
       samples: cached=160 live=0 (100.0% cached) samples/s=2.89 tokens/s=5120 data_wait=3.1%
       val: step=20 loss=2.4120 action_acc=61.3% head_acc=70.2% samples=6125
+      attempts: 2, restarts lost 0:02:58 in all
+        #1 job 41: steps 1-120 (120 done), stop_request: SIGUSR1 on node gpu01
+        #2 job 41: steps 121-140 so far, running (or killed); restart lost 0:02:58
       gpu0 NVIDIA H100 80GB HBM3: 61.2/79.6 GiB util=97%
 
-Unknown values print as `?`.
+Unknown values print as `?`. The attempts lines come from the run's attempts.jsonl
+(vlnflow.train.attempts): what each Slurm job run (attempt) did and why it ended, and the
+time each restart lost (previous attempt's end to this attempt's first step).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from pathlib import Path
 
 from vlnflow.monitor.gpu import GpuReading
 from vlnflow.monitor.stats import Summary, format_duration
+from vlnflow.train.attempts import Attempt
+
+MAX_ATTEMPT_LINES = 5  # the newest attempts shown one per line
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -95,6 +103,34 @@ def _val_line(s: Summary) -> str | None:
     return "  val: " + " ".join(parts)
 
 
+def attempt_lines(attempts: list[Attempt], current_step: int | None = None) -> list[str]:
+    """One header line and one line per attempt (the newest MAX_ATTEMPT_LINES); none without attempts."""
+    if not attempts:
+        return []
+    lost = [a.restart_lost_s for a in attempts if a.restart_lost_s is not None]
+    header = f"  attempts: {len(attempts)}" + (f", restarts lost {format_duration(sum(lost))} in all" if lost else "")
+    lines = [header]
+    shown = attempts[-MAX_ATTEMPT_LINES:]
+    if len(shown) < len(attempts):
+        lines.append(f"    ({len(attempts) - len(shown)} earlier attempt(s) not shown)")
+    for a in shown:
+        is_last = a is attempts[-1]
+        first = a.resumed_step + 1
+        if a.reason is not None and a.last_step is not None:
+            steps = f"steps {first}-{a.last_step} ({a.steps_done} done)"
+        elif is_last and current_step is not None and current_step >= first:
+            steps = f"steps {first}-{current_step} so far"
+        elif a.last_step is not None:
+            steps = f"steps {first}-? (checkpoint at {a.last_step})"
+        else:
+            steps = f"from step {first}"
+        why = f": {a.why}" if a.why and a.reason != "done" else ""
+        lost_s = f"; restart lost {format_duration(a.restart_lost_s)}" if a.restart_lost_s is not None else ""
+        job = f" job {a.job_id}" if a.job_id else ""
+        lines.append(f"    #{a.number}{job}: {steps}, {a.outcome(is_last)}{why}{lost_s}")
+    return lines
+
+
 def _gpu_lines(reading: GpuReading, summary: Summary) -> list[str]:
     lines = [f"  gpu: {reading.problem or 'no GPU visible'}"] if not reading.gpus else [
         f"  gpu{g.index} {g.name}: {g.used_gib:.1f}/{g.total_gib:.1f} GiB util={_num(g.util_percent, 'd')}%"
@@ -114,6 +150,7 @@ def format_report(
     now: float,
     log_exists: bool = True,
     problems: list[str] | None = None,
+    attempts: list[Attempt] | None = None,
 ) -> str:
     """One report block for one tick of the monitor."""
     lines = [f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}] {log}"]
@@ -132,6 +169,7 @@ def format_report(
     val = _val_line(summary)
     if val:
         lines.append(val)
+    lines.extend(attempt_lines(attempts or [], summary.step))
     lines.extend(_gpu_lines(gpus, summary))
     lines.extend(f"  warning: {p}" for p in problems or ())
     return "\n".join(lines)

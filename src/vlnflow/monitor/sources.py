@@ -1,9 +1,10 @@
 """Which files the monitor follows: a log file, a run directory, or the newest run under results/train.
 
 A run directory (results/train/{run}/) holds metrics.jsonl (one JSON object per
-logging step) and train.log (text). Steps come from metrics.jsonl when the run has
-one, otherwise from train.log (a Hugging Face Trainer / tqdm log); train.log is then
-still read for its cache status lines.
+logging step), train.log (text) and, once a step is done, attempts.jsonl (one record per
+attempt event: start, checkpoint, end; vlnflow.train.attempts). Steps come from metrics.jsonl
+when the run has one, otherwise from train.log (a Hugging Face Trainer / tqdm log); train.log
+is then still read for its cache status lines.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlnflow.errors import UserError
+from vlnflow.train.attempts import ATTEMPTS_NAME
 
 METRICS_NAME = "metrics.jsonl"
 TEXT_LOG_NAME = "train.log"
@@ -21,13 +23,14 @@ TEXT_LOG_NAME = "train.log"
 class RunSource:
     step_log: Path  # the file steps are read from
     status_log: Path | None = None  # a text log read only for cache status lines
+    attempts_log: Path | None = None  # the run's attempts.jsonl (read whole at each report; may not exist yet)
 
 
 def source_for_run_dir(run_dir: Path) -> RunSource:
-    metrics, text_log = run_dir / METRICS_NAME, run_dir / TEXT_LOG_NAME
+    metrics, text_log, attempts = run_dir / METRICS_NAME, run_dir / TEXT_LOG_NAME, run_dir / ATTEMPTS_NAME
     if metrics.exists() or not text_log.exists():
-        return RunSource(metrics, text_log)  # a run that has written nothing yet will write metrics.jsonl
-    return RunSource(text_log)
+        return RunSource(metrics, text_log, attempts)  # a run that has written nothing yet will write metrics.jsonl
+    return RunSource(text_log, attempts_log=attempts)
 
 
 def _last_write(run_dir: Path) -> float | None:
@@ -56,5 +59,6 @@ def resolve_source(target: str | None, results: Path) -> RunSource:
     if path.is_dir():
         return source_for_run_dir(path)
     if path.is_file():
-        return RunSource(path)
+        attempts = path.with_name(ATTEMPTS_NAME) if path.name == METRICS_NAME else None
+        return RunSource(path, attempts_log=attempts)
     raise UserError(f"no such log file or run directory: {path}")

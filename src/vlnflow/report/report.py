@@ -275,6 +275,7 @@ def write_report(
 
     `config` (the workflow's) decides which measurements the cache decision may use (same feature shape
     and model); without it the decision uses the committed docs/results rates only."""
+    from vlnflow.report.attempts import attempts_markdown
     from vlnflow.report.per_gpu import per_gpu_markdown
     from vlnflow.report.plot import plot_timing
 
@@ -300,6 +301,7 @@ def write_report(
 
         text += vision_markdown(config, samples, index=_one(inputs.samples, "sample index"), train_metrics=runs.get("cached features"),
                                 manifest_json=_one(inputs.vision_manifest, "vision cache manifest"), stats_files=inputs.vision_stats)
+    text += attempts_markdown(inputs.train_metrics)
     for path in (out_md, out_csv, out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_md).write_text(text)

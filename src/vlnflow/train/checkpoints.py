@@ -29,8 +29,10 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_rank0: bool) -> None:
-    """All ranks call this (ZeRO shards are per rank); rank 0 marks it complete and prunes old ones."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_rank0: bool,
+         keep_files: tuple[Path, ...] = ()) -> None:
+    """All ranks call this (ZeRO shards are per rank); rank 0 copies `keep_files` into it (the metrics
+    log as of this step), marks it complete and prunes old ones."""
     import torch.distributed as dist
 
     tag = tag_for(step)
@@ -38,6 +40,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     if dist.is_initialized():
         dist.barrier()
     if is_rank0:
+        for path in keep_files:
+            if Path(path).exists():
+                shutil.copyfile(path, ckpt_dir / tag / Path(path).name)
         (ckpt_dir / tag / "vlnflow_complete").write_text(f"{step}\n")
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)

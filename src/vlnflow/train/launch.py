@@ -1,30 +1,40 @@
 """Start a distributed script on one or more nodes: one torchrun per node, joined by a rendezvous.
 
-Why: the same command must work in three places. Inside a Slurm allocation of N > 1
-nodes, `srun` starts one node agent per node (this module again), which runs torchrun
+Why: the same command must work in three places. Inside a Slurm allocation (one node or
+several), `srun` starts one node agent per node (this module again), which runs torchrun
 with the node's rank; the node list is recovered from SLURM_JOB_ID because the
-Snakemake job step strips SLURM_JOB_NODELIST. On one node (or one-node Slurm job) it is
-a plain torchrun. By hand on several machines, MASTER_ADDR / NODE_RANK / NNODES (and
-MASTER_PORT) select the rendezvous, as the seed's scripts did. NCCL/InfiniBand settings
+Snakemake job step strips SLURM_JOB_NODELIST. The training runs in that job step of its
+own, also on one node, so that Slurm's warning signal (`--signal=USR1@T`, sent to the job
+steps and not to the batch shell where Snakemake runs) reaches it and nothing else. Outside
+Slurm it is a plain torchrun. By hand on several machines, MASTER_ADDR / NODE_RANK / NNODES
+(and MASTER_PORT) select the rendezvous, as the seed's scripts did. NCCL/InfiniBand settings
 come from config.yaml's `cluster:` section. A failed rendezvous or node is reported in
 one line naming the node.
 
-    vlnflow launch [--config config.yaml] [--nodes N] [--gpus-per-node G] -- SCRIPT [ARGS...]
+With `--stop-file PATH` (the train job passes results/train/<run>/stop_request), SIGUSR1 to
+the launch or to a node agent becomes a stop request for the ranks (vlnflow.train.stop), and
+the launch exits 75 when the training stopped on request after a complete checkpoint.
+
+    vlnflow launch [--config config.yaml] [--nodes N] [--gpus-per-node G] [--stop-file F] -- SCRIPT [ARGS...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vlnflow.errors import UserError
+from vlnflow.train import stop
 
 
 class LaunchError(UserError):
@@ -133,35 +143,33 @@ def plan_launch(cluster: Mapping, script: str, script_args: Sequence[str], envir
                 f"{nnodes} node(s) ({','.join(slurm.nodes)}): give the train rule resources nodes="
                 f"{cluster['nodes']} (with mpi='srun', tasks={cluster['nodes']} when > 1) or change cluster.nodes")
         env.update(VLNFLOW_NNODES=str(nnodes), VLNFLOW_NPROC_PER_NODE=str(nproc))
-        if nnodes > 1:
-            host = environ.get("MASTER_ADDR") or slurm.first_node_addr
-            endpoint = f"{host}:{port}"
-            srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-                    "--overlap", "--kill-on-bad-exit=1", "--export=ALL"]
-            if slurm.cpus_per_node:
-                srun.append(f"--cpus-per-task={slurm.cpus_per_node}")
-            agent = [python, "-m", "vlnflow.train.launch", "--node-agent",
-                     f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--rdzv-endpoint={endpoint}",
-                     f"--rdzv-backend={common['rdzv_backend']}", f"--rdzv-timeout={timeout_s}",
-                     f"--rdzv-id=vlnflow-{slurm.job_id}"]
-            if "MASTER_ADDR" not in environ:
-                agent.append("--first-node-hosts")  # node 0 is the rendezvous host: say so, no guessing
-            if module:
-                agent.append("--module")
-            return Launch(srun + agent + ["--", script, *script_args], env, "slurm", nnodes, nproc, 0, endpoint,
-                          timeout_s, slurm.nodes)
-        nnodes, node_rank, host, rdzv_id = 1, 0, "127.0.0.1", f"vlnflow-{slurm.job_id}"
-    else:
-        nnodes = int(environ.get("NNODES") or cluster["nodes"])
-        if nnodes > 1 and not (environ.get("MASTER_ADDR") and environ.get("NODE_RANK")):
-            raise LaunchError(
-                f"a {nnodes}-node launch outside Slurm (cluster.nodes / NNODES={nnodes}) needs MASTER_ADDR "
-                f"(address of node 0) and NODE_RANK (0..{nnodes - 1}) set on every node; or run it under Slurm")
-        node_rank = int(environ.get("NODE_RANK") or 0)
-        if not 0 <= node_rank < nnodes:
-            raise LaunchError(f"NODE_RANK={node_rank} is outside 0..{nnodes - 1} (NNODES={nnodes})")
-        host = environ.get("MASTER_ADDR") or "127.0.0.1"
-        rdzv_id = f"vlnflow-{host}-{port}"
+        # Also one node: the ranks get a job step of their own, which Slurm's --signal reaches.
+        host = environ.get("MASTER_ADDR") or slurm.first_node_addr
+        endpoint = f"{host}:{port}"
+        srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
+                "--overlap", "--kill-on-bad-exit=1", "--export=ALL"]
+        if slurm.cpus_per_node:
+            srun.append(f"--cpus-per-task={slurm.cpus_per_node}")
+        agent = [python, "-m", "vlnflow.train.launch", "--node-agent",
+                 f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--rdzv-endpoint={endpoint}",
+                 f"--rdzv-backend={common['rdzv_backend']}", f"--rdzv-timeout={timeout_s}",
+                 f"--rdzv-id=vlnflow-{slurm.job_id}"]
+        if "MASTER_ADDR" not in environ:
+            agent.append("--first-node-hosts")  # node 0 is the rendezvous host: say so, no guessing
+        if module:
+            agent.append("--module")
+        return Launch(srun + agent + ["--", script, *script_args], env, "slurm", nnodes, nproc, 0, endpoint,
+                      timeout_s, slurm.nodes)
+    nnodes = int(environ.get("NNODES") or cluster["nodes"])
+    if nnodes > 1 and not (environ.get("MASTER_ADDR") and environ.get("NODE_RANK")):
+        raise LaunchError(
+            f"a {nnodes}-node launch outside Slurm (cluster.nodes / NNODES={nnodes}) needs MASTER_ADDR "
+            f"(address of node 0) and NODE_RANK (0..{nnodes - 1}) set on every node; or run it under Slurm")
+    node_rank = int(environ.get("NODE_RANK") or 0)
+    if not 0 <= node_rank < nnodes:
+        raise LaunchError(f"NODE_RANK={node_rank} is outside 0..{nnodes - 1} (NNODES={nnodes})")
+    host = environ.get("MASTER_ADDR") or "127.0.0.1"
+    rdzv_id = f"vlnflow-{host}-{port}"
     endpoint = f"{host}:{port}"
     argv = torchrun_argv(nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=endpoint,
                          rdzv_id=rdzv_id, is_host=node_rank == 0, **common)
@@ -173,11 +181,14 @@ def slurm_resources(cluster: Mapping) -> dict:
     """Snakemake resources for a rule that calls `vlnflow launch` (use as `resources: **slurm_resources(...)`).
 
     More than one node needs mpi="srun" and one task per node: without `mpi` the Slurm
-    executor wraps the rule in a one-task step and the job silently runs on one node. The
-    site part (gres, CPUs, memory, --exclusive) stays in the profile's set-resources.
+    executor wraps the rule in a one-task step and the job silently runs on one node. One
+    node gets mpi="" (the plugin's jobstep checks only that the key exists): the rule then runs
+    in the batch step, un-wrapped, as on several nodes, so the launch's own srun step is the
+    job's only step and Slurm's warning signal (sent to the steps) reaches the ranks and not
+    Snakemake. The site part (gres, CPUs, memory, --exclusive) stays in the profile's set-resources.
     """
     nodes = int(cluster["nodes"])
-    return {"nodes": nodes, "tasks": nodes, "mpi": "srun"} if nodes > 1 else {"nodes": 1}
+    return {"nodes": nodes, "tasks": nodes, "mpi": "srun"} if nodes > 1 else {"nodes": 1, "tasks": 1, "mpi": ""}
 
 
 def describe_failure(node: str, node_rank: int, nnodes: int, endpoint: str, returncode: int,
@@ -227,11 +238,17 @@ def slurm_allocation(environ: Mapping[str, str], run: Callable[[list[str]], str]
 
 
 # ----------------------------------------------------------------------------- running
+def _spawn_context(env: Mapping[str, str]):
+    """With a stop file the children start with SIGUSR1 ignored (vlnflow.train.stop); else unchanged."""
+    return stop.ChildrenIgnoreStopSignal() if env.get(stop.STOP_FILE_ENV) else contextlib.nullcontext()
+
+
 def run_forwarding_stderr(argv: list[str], env: Mapping[str, str]) -> tuple[int, str | None, str | None]:
     """Run argv; copy its stderr through line by line and return (exit code, first rendezvous error seen,
     torchrun's root cause as "rank R (local rank L) exited with code C (SIGNAL)" or None)."""
     rdzv_error, in_root_cause, rank, root_cause = None, False, None, None
-    proc = subprocess.Popen(argv, env=dict(env), stderr=subprocess.PIPE, text=True, errors="replace")
+    with _spawn_context(env):
+        proc = subprocess.Popen(argv, env=dict(env), stderr=subprocess.PIPE, text=True, errors="replace")
     assert proc.stderr is not None
     for line in proc.stderr:
         sys.stderr.write(line)
@@ -283,8 +300,11 @@ def this_node_name(environ: Mapping[str, str]) -> str:
 
 
 def node_agent(args: argparse.Namespace) -> int:
-    """Entry point srun runs on every node: the node's rank comes from SLURM_NODEID."""
+    """Entry point srun runs on every node: the node's rank comes from SLURM_NODEID; with a stop file
+    (exported by the launch) SIGUSR1 on this node becomes a stop request."""
     node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    if os.environ.get(stop.STOP_FILE_ENV):
+        stop.catch_stop_signal(os.environ[stop.STOP_FILE_ENV], f"node {this_node_name(os.environ)}")
     argv = torchrun_argv(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=node_rank,
                          rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
                          rdzv_timeout_s=args.rdzv_timeout, script=args.script, script_args=args.script_args,
@@ -309,6 +329,9 @@ def launch(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     plan = plan_launch(cluster, args.script, args.script_args, environ, slurm_allocation(environ),
                        module=args.module)
+    extra = {stop.LAUNCHED_AT_ENV: f"{time.time():.3f}"}  # train.max_hours counts from here
+    if args.stop_file:
+        extra[stop.STOP_FILE_ENV] = str(Path(args.stop_file).resolve())
     print(f"[vlnflow launch] {plan.mode}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es), "
           f"rendezvous {plan.rdzv_endpoint}" + (f", nodes {','.join(plan.nodes)}" if plan.nodes else ""),
           file=sys.stderr, flush=True)
@@ -317,18 +340,39 @@ def launch(args: argparse.Namespace) -> int:
             print(f"{key}={shlex.quote(value)}")
         print(shlex.join(plan.argv))
         return 0
-    env = {**environ, **plan.env}
+    env = {**environ, **plan.env, **extra}
+    if args.stop_file:
+        stop.clear_stale(env[stop.STOP_FILE_ENV])
+        stop.catch_stop_signal(env[stop.STOP_FILE_ENV], f"vlnflow launch (pid {os.getpid()}, {socket.gethostname()})")
     if plan.mode == "local":
-        return run_torchrun(plan.argv, env, node_name=this_node_name(environ), node_rank=plan.node_rank,
-                            nnodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
-                            rdzv_endpoint=plan.rdzv_endpoint, rdzv_timeout_s=plan.rdzv_timeout_s)
+        returncode = run_torchrun(plan.argv, env, node_name=this_node_name(environ), node_rank=plan.node_rank,
+                                  nnodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
+                                  rdzv_endpoint=plan.rdzv_endpoint, rdzv_timeout_s=plan.rdzv_timeout_s)
+        return stopped_or(returncode, env)
     print(f"[vlnflow launch] {shlex.join(plan.argv)}", file=sys.stderr, flush=True)
-    returncode = subprocess.run(plan.argv, env=env).returncode
+    with _spawn_context(env):
+        proc = subprocess.Popen(plan.argv, env=env)
+    returncode = proc.wait()
+    if stopped_or(returncode, env) == stop.EXIT_STOPPED:
+        return stop.EXIT_STOPPED
     if returncode != 0:
         print(f"vlnflow launch: error: training failed in Slurm job {env.get('SLURM_JOB_ID')} on nodes "
               f"{','.join(plan.nodes)} (srun exit {returncode}); the failing node is named in the lines above",
               file=sys.stderr, flush=True)
     return returncode
+
+
+def stopped_or(returncode: int, env: Mapping[str, str]) -> int:
+    """EXIT_STOPPED when the trainer left its stopped marker (it stopped on request after a complete
+    checkpoint; any exit code of the processes after that does not matter), else `returncode`."""
+    request = env.get(stop.STOP_FILE_ENV)
+    record = stop.read_record(stop.stopped_path(request)) if request else None
+    if record is None:
+        return returncode
+    print(f"[vlnflow launch] training stopped on request after step {record.get('step')} "
+          f"({record.get('reason')}: {record.get('why')}); its checkpoint is complete, run it again to resume "
+          f"(exit {stop.EXIT_STOPPED})", file=sys.stderr, flush=True)
+    return stop.EXIT_STOPPED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -339,6 +383,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdzv-port", dest="rdzv_port", type=int, help="override cluster.rdzv_port")
     parser.add_argument("-m", "--module", action="store_true", help="SCRIPT is a module name (python -m)")
     parser.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
+    parser.add_argument("--stop-file", dest="stop_file", metavar="PATH",
+                        help="stop-request file: SIGUSR1 writes it and the ranks stop at the next step after a "
+                             "checkpoint (vlnflow.train.stop); exit 75 when they did")
     # Internal: what srun starts on each node.
     parser.add_argument("--node-agent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nnodes", type=int, help=argparse.SUPPRESS)

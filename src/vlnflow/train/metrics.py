@@ -34,8 +34,10 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | Path, enabled: bool = True, append: bool = False,
-                 tensorboard_dir: str | Path | None = None):
-        """`append` continues a resumed run's log; a fresh run starts a new file."""
+                 tensorboard_dir: str | Path | None = None, resumed_step: int = 0):
+        """`append` continues a resumed run's log (restore_history put it back to `resumed_step` first);
+        a fresh run starts a new file. TensorBoard hides the events an earlier attempt wrote after
+        `resumed_step` (SummaryWriter's purge_step), so its curves have no repeated steps either."""
         self.path = Path(path)
         self.enabled = enabled
         self._tb = None
@@ -50,7 +52,7 @@ class MetricsLog:
                         f"train.tensorboard is true but TensorBoard cannot be imported ({exc}): install the pinned "
                         f"tensorboard package (pyproject.toml) or set train.tensorboard: false"
                     ) from None
-                self._tb = SummaryWriter(str(tensorboard_dir), flush_secs=10)
+                self._tb = SummaryWriter(str(tensorboard_dir), flush_secs=10, purge_step=resumed_step + 1)
 
     def write(self, **record) -> None:
         if not self.enabled:
@@ -105,3 +107,34 @@ class PhaseTimer:
         out = {f"{k}_s": v for k, v in self.totals.items()}
         self.totals = {}
         return out
+
+
+# ---- metrics.jsonl across attempts -----------------------------------------------------------------------
+# Snakemake deletes a job's outputs (metrics.jsonl among them) when the job fails and before it runs
+# again, and a crashed attempt leaves lines for steps past its last checkpoint. So each checkpoint
+# carries a copy of metrics.jsonl as it stood at that step (checkpoints.save(keep_files=...)), and a
+# resumed run starts from that copy: every step appears once, whatever happened to the file between.
+
+HISTORY_NAME = "metrics.jsonl"
+
+
+def restore_history(metrics_path: str | Path, tag_dir: str | Path, step: int) -> Path | None:
+    """Rank 0, on resume from the checkpoint in `tag_dir` (step `step`): put metrics.jsonl back to the
+    lines of steps up to `step`, from the checkpoint's copy when it has one (older checkpoints do not:
+    then the current file, if any, is cut after `step`). Returns the file it read, None if none."""
+    metrics_path, copy = Path(metrics_path), Path(tag_dir) / HISTORY_NAME
+    source = copy if copy.exists() else metrics_path
+    if not source.exists():
+        return None
+    kept = []
+    for line in source.read_text().splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by a crash
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+    tmp = metrics_path.with_name(f".{metrics_path.name}.restore")
+    tmp.write_text("".join(kept))
+    tmp.replace(metrics_path)
+    return source

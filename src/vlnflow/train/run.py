@@ -1,6 +1,8 @@
 """Training entry point, one process per GPU: `python -m vlnflow.train.run --config C --run-dir D`.
 
 `vlnflow launch` / the `train` rule start it under torchrun (and srun on several nodes).
+Exit status 75 (vlnflow.train.stop.EXIT_STOPPED) when run alone and stopped on request: the
+checkpoint is complete, run it again to resume; under `vlnflow launch` the launch reports it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from vlnflow.config import load_config
 from vlnflow.errors import UserError
+from vlnflow.train.stop import exit_code_after
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         logging.getLogger("vlnflow.train").error("%s", exc)
         return 2
+    if summary.get("stopped"):  # no summary.json: the run is not done (the workflow's output stays missing)
+        return exit_code_after(summary)
     if rank == "0":
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0

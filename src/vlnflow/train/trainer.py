@@ -6,7 +6,8 @@ single process: the missing torch.distributed variables are then filled in for o
 `train` reads as its steps: build the run (vlnflow.train.setup), restore the newest
 checkpoint, then per micro-step `next_micro_batch` + `micro_step`, and at each
 accumulation boundary `finish_step` (reduce, metrics, log lines), the held-out evaluation
-when due (vlnflow.train.evaluate) and `save_if_due`.
+when due (vlnflow.train.evaluate), `save_if_due` and the stop check (vlnflow.train.stop:
+a warned or time-budgeted run saves where the ranks agree and returns `stopped`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 import torch
 
 from vlnflow.train import checkpoints
+from vlnflow.train.attempts import AttemptLog
 from vlnflow.train.data import micro_batches
 from vlnflow.train.evaluate import evaluate
 from vlnflow.train.loss_terms import step_terms
-from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib
+from vlnflow.train.metrics import MetricsLog, PhaseTimer, gpu_memory_gib, restore_history
 from vlnflow.train.packed_loader import DeviceBatches, PackInWorker
 from vlnflow.train.setup import TrainRun, build_run
+from vlnflow.train.stop import StopControl, launched_at
 
 log = logging.getLogger("vlnflow.train")
 
@@ -67,12 +70,16 @@ class StepWindow:
 def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_steps: int | None = None) -> dict:
     """Train per config['train']; returns a summary. Every rank calls this."""
     run = build_run(config, run_dir, use_cache=use_cache, max_steps=max_steps)
+    stop = StopControl.for_run(run.tcfg, run.dist, run.device, run.total)
     progress, resumed = restore(run)
+    attempt = AttemptLog.begin(run.run_dir, enabled=run.is_rank0, resumed_step=progress.step, fresh=not resumed,
+                               launched=launched_at())
     tb = run.run_dir / "tb" if run.tcfg["tensorboard"] else None
-    metrics = MetricsLog(run.run_dir / "metrics.jsonl", enabled=run.is_rank0, append=bool(resumed), tensorboard_dir=tb)
+    metrics = MetricsLog(run.run_dir / "metrics.jsonl", enabled=run.is_rank0, append=bool(resumed), tensorboard_dir=tb,
+                         resumed_step=progress.step)
     phases = PhaseTimer(enabled=run.tcfg["phase_timing"], device=run.device)
     window, summary = StepWindow(), {}
-    while progress.step < run.total:
+    while progress.step < run.total and not stop.reason:
         batches = epoch_batches(run, progress.micro)
         while progress.step < run.total:
             batch = next_micro_batch(run, batches, progress, window)
@@ -84,14 +91,21 @@ def train(config: dict, run_dir: str | Path, *, use_cache: bool = True, max_step
                 continue
             progress.step += 1
             summary, cached, live = finish_step(run, progress, window, phases, metrics)
+            attempt.step_done(run.world)
             if eval_due(run, progress.step):
                 metrics.write(**evaluate(run, run.val, progress.step))
-            save_if_due(run, progress, cached, live)
+            saved = save_if_due(run, progress, cached, live, attempt)
             _test_kill(run.rank, progress.step, resumed)
             window = StepWindow()
+            if stop.check(progress.step, saved):  # every rank, every step: one all-reduce
+                if not saved:
+                    save(run, progress, cached, live, attempt)
+                break
     metrics.close()
     run.dist.barrier()
-    return summary
+    stop.finish(progress.step, run.is_rank0)
+    attempt.end(progress.step, stop.reason or "done", stop.why)
+    return {**summary, "stopped": stop.reason} if stop.reason else summary
 
 
 # ---- checkpoint / resume ----------------------------------------------------------------------------
@@ -107,6 +121,10 @@ def restore(run: TrainRun) -> tuple[Progress, dict | None]:
                 setattr(progress, key, resumed[key])
         if run.rank != 0:  # checkpoints hold global sample counts; rank 0 carries them on
             progress.cached = progress.live = 0
+        if run.is_rank0:  # metrics.jsonl as it stood at the checkpoint: no step twice, none missing
+            source = restore_history(run.run_dir / "metrics.jsonl", run.ckpt_dir / checkpoints.tag_for(progress.step), progress.step)
+            if source is not None:
+                log.info("metrics.jsonl put back to step %d (from %s)", progress.step, source)
         log.info("resuming at optimizer step %d", progress.step)
     progress.live_logged = progress.live  # the per-step live count in the log starts from the restored total
     run.source.cached, run.source.live = progress.cached, progress.live
@@ -119,11 +137,21 @@ def eval_due(run: TrainRun, step: int) -> bool:
     return run.val is not None and (step == run.total or (every is not None and step % every == 0))
 
 
-def save_if_due(run: TrainRun, progress: Progress, cached: int, live: int) -> None:
-    """Checkpoint every train.save_every steps and (train.save_at_end) at the last one; all ranks call it."""
+def save_if_due(run: TrainRun, progress: Progress, cached: int, live: int, attempt: AttemptLog) -> bool:
+    """Checkpoint every train.save_every steps and (train.save_at_end) at the last one; all ranks call it.
+    Returns whether it saved."""
     tcfg = run.tcfg
     if progress.step % tcfg["save_every"] == 0 or (progress.step == run.total and tcfg["save_at_end"]):
-        checkpoints.save(run.engine, run.ckpt_dir, progress.step, progress.client_state(cached, live), tcfg["keep_last"], run.is_rank0)
+        save(run, progress, cached, live, attempt)
+        return True
+    return False
+
+
+def save(run: TrainRun, progress: Progress, cached: int, live: int, attempt: AttemptLog) -> None:
+    """A complete checkpoint of this step, holding metrics.jsonl as it stands (all ranks call it)."""
+    checkpoints.save(run.engine, run.ckpt_dir, progress.step, progress.client_state(cached, live), run.tcfg["keep_last"],
+                     run.is_rank0, keep_files=(run.run_dir / "metrics.jsonl",))
+    attempt.checkpoint(progress.step)
 
 
 def _test_kill(rank: int, step: int, resumed: dict | None) -> None:

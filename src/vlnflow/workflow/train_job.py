@@ -1,7 +1,9 @@
 """What the `train` rule runs: freeze the effective config into the run dir, then `vlnflow launch`.
 
 The config file written here is what every rank (on every node) reads, so `--config`
-overrides given to Snakemake reach training exactly as the workflow saw them.
+overrides given to Snakemake reach training exactly as the workflow saw them. The launch gets
+the run's stop-request file (vlnflow.train.stop); when the training stopped on request (exit 75)
+the Slurm job is requeued (vlnflow.workflow.requeue) rather than failed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from vlnflow.train.stop import EXIT_STOPPED, read_record, request_path, stopped_path
+from vlnflow.workflow.requeue import requeue_after_stop
+
 
 def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, use_cache: bool = True,
                   max_steps: int | None = None) -> int:
@@ -21,7 +26,8 @@ def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, us
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / ("config.live.yaml" if not use_cache else "config.yaml")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [sys.executable, "-m", "vlnflow.cli", "launch", "--config", str(config_path), "-m", "vlnflow.train.run",
+    argv = [sys.executable, "-m", "vlnflow.cli", "launch", "--config", str(config_path),
+            "--stop-file", str(request_path(run_dir)), "-m", "vlnflow.train.run",
             "--config", str(config_path), "--run-dir", str(run_dir)]
     if not use_cache:
         argv.append("--no-cache")
@@ -35,6 +41,10 @@ def run_train_job(config: dict, run_dir: str | Path, log_path: str | Path, *, us
         log.flush()
         start = log.tell()
         code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code == EXIT_STOPPED:
+            marker = read_record(stopped_path(request_path(run_dir))) or {}
+            where = f"after step {marker.get('step')} ({marker.get('reason')}: {marker.get('why')})" if marker else ""
+            return requeue_after_stop(job, config["train"]["max_requeues"], log, where)
     if code != 0:
         # Snakemake deletes the rule log before a retry: repeat the error lines on stderr, which lands in the
         # failed job's own Slurm log (kept by the executor) and in Snakemake's output.
