@@ -142,6 +142,10 @@ class ShardWriter:
             attrs = self.file.attrs
             attrs["max_abs_cast_error"] = max(float(attrs["max_abs_cast_error"]), (back - ref).abs().max().item())
             attrs["max_row_rel_error"] = max(float(attrs.get("max_row_rel_error", 0.0)), fmt.row_rel_error(back, ref).max().item())
+        self._store(rows, stored, scale)
+
+    def _store(self, rows: list[int], stored: np.ndarray, scale: np.ndarray | None) -> None:
+        """Write the rows' values (and fp8 scales), flush, and only then mark them done (the crash-safety order)."""
         ds = self.file[fmt.FEATURES]
         for k, row in enumerate(rows):
             ds[row] = stored[k]
@@ -160,20 +164,10 @@ class ShardWriter:
         max_row_rel_error), which bound the copied rows' errors. Done only after the data is flushed."""
         if stored.shape[0] != len(rows) or (self.dtype in fmt.SCALED) != (scale is not None):
             raise ValueError(f"{len(rows)} rows but {stored.shape[0]} stored feature maps (scales: {scale is not None})")
-        ds = self.file[fmt.FEATURES]
-        for k, row in enumerate(rows):
-            ds[row] = stored[k]
-            if scale is not None:
-                self.file[fmt.SCALE][row] = scale[k]
         attrs = self.file.attrs
         attrs["max_abs_cast_error"] = max(float(attrs["max_abs_cast_error"]), cast_errors[0])
         attrs["max_row_rel_error"] = max(float(attrs.get("max_row_rel_error", 0.0)), cast_errors[1])
-        self.file.flush()
-        done = self.file[fmt.DONE]
-        for row in rows:
-            done[row] = True
-            self.done[row] = True
-        self.file.flush()
+        self._store(rows, stored, scale)
 
     def skip(self, row: int, reason: str) -> None:
         """Record that a sample could not be computed (dataset.on_error=skip); it counts as handled."""
