@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "workflow_scripts", "envs")
 BIN = Path(sys.executable).parent
 DEMO_SIZE = (96, 72)  # small frames keep the tests quick; the format is the same as 640x480
+DEMO_EPISODES = 14  # the tests' demo: fewer episodes than `vlnflow demo-data` writes, same generator
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def demo_data(tmp_path_factory) -> Path:
     from vlnflow.data.demo import make_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(str(out), size=DEMO_SIZE)
+    make_demo(str(out), n_episodes=DEMO_EPISODES, size=DEMO_SIZE)
     return out
 
 
