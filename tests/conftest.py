@@ -57,7 +57,10 @@ class WorkflowCopy:
 
 
 def copy_workflow(dest: Path) -> WorkflowCopy:
-    """Copy Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ into the new folder `dest`."""
+    """Copy Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ into the new folder `dest`; its config.yaml
+    gets train_helpers.TEST_SETTINGS (the sizes the workflow tests were written for)."""
+    from train_helpers import TEST_SETTINGS
+
     dest.mkdir()
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -65,7 +68,9 @@ def copy_workflow(dest: Path) -> WorkflowCopy:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy2(src, dest / name)
-    return WorkflowCopy(dest)
+    copy = WorkflowCopy(dest)
+    copy.configure(TEST_SETTINGS)
+    return copy
 
 
 @pytest.fixture
