@@ -26,7 +26,7 @@ TEST_SETTINGS = {
     "spatial": {"image_size": 56, "reference_frame": "last"},
     "model": {"lam": 0.2, "tiny": {"initializer_range": 0.02}},
     "train": {"per_device_batch": 2, "grad_accum": 2, "max_steps": 4, "save_every": 2, "lr": {"llm": 1.0e-5, "merger": 1.0e-4},
-              "warmup_steps": 0, "eval_every": None, "loader": {"workers": 1}},
+              "warmup_steps": 0, "warmup_ratio": 0.0, "eval_every": None, "loader": {"workers": 1}},
 }
 
 
