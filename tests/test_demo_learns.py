@@ -15,9 +15,9 @@ centre; the action follows from the current frame only. Held out: the episodes d
   from reaching the spatial merger while everything still runs.
 
 Measured on the 2-core CPU machine (seeded runs, one thread: repeatable), 178 held-out samples, majority 0.545:
-shipped 0.764 (training loss 6.75 -> 0.088, held-out loss 0.236 -> 0.178), spatial 0.753, spatial_off 0.522 (lam 0:
-the text alone); merger weights moved by 16% (relative L2) in both connected runs. Data, cache and the three runs
-take about 80 s.
+shipped 0.770 (training loss 6.75 -> 0.099, held-out loss 0.220 -> 0.172), spatial 0.781, spatial_off 0.517 (lam 0:
+the text alone); merger weights moved by 17% (relative L2) in both connected runs. Data, cache and the three runs
+take about 100 s.
 """
 
 from __future__ import annotations
