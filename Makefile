@@ -21,7 +21,7 @@ $(DEMO_DATA)/.complete: $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/.complete
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake -c 2 all
-	$(BIN)/vlnflow predict --model results/export/demo --samples results/index/samples.parquet --n 5 --max-new-tokens 32
+	$(BIN)/vlnflow predict --model results/export/demo --samples results/index/samples.parquet --cache results/cache/manifest.json --held-out --n 0 --show 12 --max-new-tokens 8
 	@echo "benchmark report: $(abspath results/benchmark/report.md) (table: report.csv, plot: timing.png)"
 	@echo "exported model: $(abspath results/export/demo) (vlnflow predict --model results/export/demo)"
 

@@ -85,12 +85,11 @@ def write_frames(folder: Path, n: int, size, texture: float, jpeg_quality: int) 
     from vlnflow.data.demo import textured
 
     rng = __import__("numpy").random.default_rng(0)
-    actions = scene.plan_actions(rng, n)
-    marks = scene.place_landmarks(rng)
+    target, _, poses = scene.plan_episode(rng, n)
     out: dict[str, list[Path]] = {"png": [], "jpeg": []}
     folder.mkdir(parents=True, exist_ok=True)
-    for i, pose in enumerate(scene.poses(actions)):
-        image = textured(scene.render(pose, marks, scene.WALLS[0], size, f"frame {i}"), texture, i)
+    for i, pose in enumerate(poses):
+        image = textured(scene.render(pose, [target], scene.WALLS[0], size, f"frame {i}"), texture, i)
         png, jpg = folder / f"f{i:04d}.png", folder / f"f{i:04d}.jpg"
         image.save(png, compress_level=6)
         image.save(jpg, quality=jpeg_quality)

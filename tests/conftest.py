@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "workflow_scripts", "envs")
 BIN = Path(sys.executable).parent
 DEMO_SIZE = (96, 72)  # small frames keep the tests quick; the format is the same as 640x480
+DEMO_EPISODES = 14  # the tests' demo: fewer episodes than `vlnflow demo-data` writes, same generator
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def demo_data(tmp_path_factory) -> Path:
     from vlnflow.data.demo import make_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(str(out), size=DEMO_SIZE)
+    make_demo(str(out), n_episodes=DEMO_EPISODES, size=DEMO_SIZE)
     return out
 
 
@@ -56,7 +57,10 @@ class WorkflowCopy:
 
 
 def copy_workflow(dest: Path) -> WorkflowCopy:
-    """Copy Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ into the new folder `dest`."""
+    """Copy Snakefile, config.yaml, rules/, workflow_scripts/ and envs/ into the new folder `dest`; its config.yaml
+    gets train_helpers.TEST_SETTINGS (the sizes the workflow tests were written for)."""
+    from train_helpers import TEST_SETTINGS
+
     dest.mkdir()
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -64,7 +68,9 @@ def copy_workflow(dest: Path) -> WorkflowCopy:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy2(src, dest / name)
-    return WorkflowCopy(dest)
+    copy = WorkflowCopy(dest)
+    copy.configure(TEST_SETTINGS)
+    return copy
 
 
 @pytest.fixture

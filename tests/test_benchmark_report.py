@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from train_helpers import TEST_SETTINGS
+from vlnflow.config import deep_merge
 from vlnflow.report.report import ReportInputs, live_comparison, load_runs, projection, stage_table, write_report
 from vlnflow.report.sources import read_benchmark
 
@@ -194,6 +197,8 @@ def test_workflow_benchmark_report_and_html(tmp_path):
     for name in ("Snakefile", "config.yaml", "rules", "workflow_scripts", "report", "envs"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    config = tmp_path / "config.yaml"  # 2 episodes: the tests' sizes (none held out, 4 steps), not the full demo's
+    config.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(config.read_text()), TEST_SETTINGS), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True)  # noqa: E731
     run("vlnflow", "demo-data", "data/demo", "--episodes", "2", "--size", "32x24")  # 4:3 like the config's 640x480 frames (crop)
@@ -235,3 +240,7 @@ def test_validation_records_are_not_steps_and_are_plotted(tmp_path):
     assert list(lines["validation (held-out)"].get_xdata()) == [2, 5]
     assert list(lines["validation (held-out)"].get_ydata()) == [3.5, 3.25]
     assert list(lines["train (cached features)"].get_xdata()) == steps["step"].tolist()
+    assert ax.get_yscale() == "log"  # issue 24: a loss falling from ~7 to ~0.05 stays readable
+    flat = Figure().subplots()
+    _plot_losses(flat, {"cached features": steps.assign(loss=0.0)}, {})  # a zero cannot go on a log axis
+    assert flat.get_yscale() == "linear"

@@ -15,6 +15,28 @@ def test_shipped_config_is_valid(path):
     assert config["train"]["deepspeed"] in ("zero2_offload", "zero2", "zero3")
 
 
+# The cluster presets stand alone; configs/demo_sources.yaml is an overlay on the demo by design.
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*_h800.yaml")), ids=lambda p: p.name)
+def test_demo_settings_do_not_leak_into_a_preset(path):
+    """`snakemake --configfile configs/X.yaml` merges X over config.yaml: every setting of the run must be X's own
+    (or the schema default), none the demo's (e.g. its warmup, a ratio there because train.warmup_steps would
+    win over a preset's warmup_ratio). Only the tiny models' sizes, unused by the presets' real models, may differ."""
+    import copy
+
+    import yaml
+
+    from vlnflow.config import deep_merge, validate_config
+
+    demo, preset = (yaml.safe_load((p).read_text()) for p in (ROOT / "config.yaml", path))
+    alone = validate_config(copy.deepcopy(preset))
+    merged = validate_config(deep_merge(demo, preset))
+    real = alone["model"]["qwen_path"] or alone["model"]["init_from"] or alone["model"]["preset"] != "tiny"
+    assert real  # a real model (or an export to start from): the tiny sizes are indeed unused
+    for config in (alone, merged):
+        config["model"].pop("tiny")
+    assert merged == alone
+
+
 def test_bad_setting_names_the_key(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("train:\n  deepspeed: zero4\n")

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from vlnflow.cli import main
-from vlnflow.data.demo import make_demo, write_episode
+from vlnflow.data import demo_scene as scene
+from vlnflow.data.demo import DEMO_EPISODES, make_demo, write_episode
 from vlnflow.data.fingerprint import dataset_fingerprint
 from vlnflow.data.vocabulary import ACTIONS, parse_step_filename
 
@@ -58,8 +59,8 @@ def test_demo_is_deterministic(tmp_path):
 def test_full_size_demo_stays_small(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path / "demo")]) == 0
     total = sum(p.stat().st_size for p in (tmp_path / "demo").rglob("*") if p.is_file())
-    assert total < 10e6
-    assert "14 episodes" in capsys.readouterr().out
+    assert total < 12e6
+    assert f"{DEMO_EPISODES} episodes" in capsys.readouterr().out
     # an existing demo is not silently replaced
     assert main(["demo-data", str(tmp_path / "demo")]) == 2
     assert "pass --force" in capsys.readouterr().err
@@ -107,3 +108,60 @@ def test_r2r_length_profile_textured_frames_and_parallel_rendering(tmp_path):
     assert png_bytes("one") > 3 * png_bytes("flat"), "noise makes PNGs as heavy as real frames"
     with pytest.raises(Exception, match="at least 2 steps"):
         make_demo(str(tmp_path / "bad"), lengths=[1], size=(48, 32))
+
+
+@pytest.mark.parametrize("length", [1, 3, 17, 40])
+def test_every_action_is_the_experts_answer_to_its_frame(length):
+    """The demo's task: STOP within STOP_RADIUS of the landmark, a turn towards it while it is off centre, else
+    forward; each plan has the asked length and the poses follow from the actions (and the slips)."""
+    target, actions, poses = scene.plan_episode(np.random.default_rng(length), length)
+    assert len(actions) == len(poses) == length and actions[-1] == "STOP" and "STOP" not in actions[:-1]
+    assert [scene.expert_action(p, target) for p in poses] == actions
+    for before, action, after in zip(poses, actions, poses[1:]):
+        turned = (after.heading - before.heading + 180) % 360 - 180
+        if action == "MOVE_FORWARD":
+            assert np.hypot(after.x - before.x, after.y - before.y) == pytest.approx(scene.STEP_METRES)
+            assert turned in (0.0, *scene.SLIPS)
+        else:
+            assert (after.x, after.y) == (before.x, before.y)
+            assert turned == (scene.TURN_DEGREES if action == "TURN_LEFT" else -scene.TURN_DEGREES)
+
+
+def test_actions_follow_from_the_frames_not_the_text(demo_data):
+    """Where the landmark is drawn decides the action: its pixels' centre is left of the view centre in every
+    TURN_LEFT frame, right in every TURN_RIGHT frame, within a few pixels of it in every MOVE_FORWARD frame; the
+    instruction is one per episode, and no action is so common that always answering it is a good model."""
+    counts = {a: 0 for a in ACTIONS}
+    for episode in sorted((demo_data / "episodes").iterdir()):
+        milestones = json.loads((episode / "milestones_result.json").read_text())
+        assert "left" not in milestones["instruction_text"] and "right" not in milestones["instruction_text"]
+        for frame in sorted(episode.glob("step_*.png")):
+            action = parse_step_filename(frame.name)[1]
+            counts[action] += 1
+            if action == "STOP":
+                continue
+            pixels = np.asarray(Image.open(frame)).astype(int)
+            drawn = np.zeros(pixels.shape[:2], dtype=bool)
+            for colour in _landmark_colours(milestones["instruction_text"]):
+                drawn |= np.abs(pixels - colour).sum(-1) < 30
+            columns = np.nonzero(drawn.any(0))[0]
+            assert len(columns), frame
+            offset = (columns.min() + columns.max() + 1) / 2 - pixels.shape[1] / 2  # > 0: right of centre
+            if action == "TURN_LEFT":
+                assert offset < -DEMO_SIZE_SLACK, (frame, offset)
+            elif action == "TURN_RIGHT":
+                assert offset > DEMO_SIZE_SLACK, (frame, offset)
+            else:
+                assert abs(offset) <= DEMO_SIZE_SLACK, (frame, offset)
+    total = sum(counts.values())
+    assert max(counts.values()) / total < 0.65, counts  # the majority baseline stays well below a learnt model
+    assert min(counts["TURN_LEFT"], counts["TURN_RIGHT"]) / total > 0.1, counts
+
+
+DEMO_SIZE_SLACK = 2  # pixels of the 96-wide test frames: a landmark straight ahead is drawn about the centre
+
+
+def _landmark_colours(instruction: str) -> list[np.ndarray]:
+    """The RGB the landmark an instruction names ("Walk to the red box ...") is drawn in (a plant's foliage too)."""
+    colour = next(c for c in scene.COLOURS if f" {c} " in f" {instruction} ")
+    return [np.array(scene.COLOURS[colour])] + ([np.array(scene.FOLIAGE)] if " plant " in instruction else [])

@@ -178,7 +178,7 @@ def test_settings_come_from_the_validated_config(tmp_path):
         "repeat_first",
         8,
     )
-    assert (settings.prompt_style, settings.on_error, settings.shard_count) == ("auto", "fail", 256)
+    assert (settings.prompt_style, settings.on_error, settings.shard_count) == ("action", "fail", 256)
 
 
 def test_worker_processes_give_the_same_index(demo_data, tmp_path, monkeypatch):

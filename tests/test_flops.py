@@ -178,12 +178,12 @@ def test_mfu_names_its_denominators():
 def test_step_counter_takes_the_shapes_from_the_config():
     from vlnflow.config import load_config
 
-    demo = load_config(REPO / "config.yaml")  # tiny Qwen (64 wide, 2 layers), tiny VGGT, 640x480 crop frames at 56 px
+    demo = load_config(REPO / "config.yaml")  # tiny Qwen (64 wide, 2 layers), tiny VGGT, 640x480 crop frames at 84 px
     count = F.step_counter(demo)
-    assert (count.llm.layers, count.llm.hidden, count.llm.heads, count.vision.depth) == (2, 64, 4, 2) and count.image_grid == (2, 4)
-    work = F.BatchWork.of_lengths((40, 30), 6, ((2, 4),) * 3)
+    assert (count.llm.layers, count.llm.hidden, count.llm.heads, count.vision.depth) == (2, 64, 4, 2) and count.image_grid == (4, 6)
+    work = F.BatchWork.of_lengths((40, 30), 6, ((4, 6),) * 3)
     step = count(work, recomputed_layers=1)
-    assert step == F.training_step(work, count.llm, count.vision, spatial_grid=(2, 4), spatial_channels=64,
+    assert step == F.training_step(work, count.llm, count.vision, spatial_grid=(4, 6), spatial_channels=64,
                                    merger_hidden=demo["model"]["merger_hidden"], recomputed_layers=1)  # fmt: skip
     r2r = load_config(REPO / "configs" / "janusvln_r2r_h800.yaml")  # Qwen2.5-VL-7B shape, VGGT-1B at 644, crop
     seven = {**r2r["model"], "qwen_path": None, "init_from": None, "preset": "qwen2.5-vl-7b"}

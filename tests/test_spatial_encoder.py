@@ -29,10 +29,10 @@ def spatial(**kw):
 def test_from_repo_config_and_shapes():
     cfg = load_config(REPO / "config.yaml", overrides={"spatial": {"device": "cpu"}})
     enc = SpatialEncoder.from_config(cfg["spatial"])
-    # the demo crops 640x480 frames at 56: a 42x56 input, 3x4 patches, kept as the 2x4 of whole merge blocks
-    assert enc.geometry.vggt_hw == (42, 56) and enc.grid == (2, 4) and enc.feature_shape == (8, 64)
+    # the demo crops 640x480 frames at 84: a 56x84 input, 4x6 patches, all of them whole merge blocks
+    assert enc.geometry.vggt_hw == (56, 84) and enc.grid == (4, 6) and enc.feature_shape == (24, 64)
     assert enc.compute_dtype == torch.float32  # CPU always computes in float32
-    out = enc.encode(torch.rand(2, 3, 3, 42, 56))
+    out = enc.encode(torch.rand(2, 3, 3, 56, 84))
     assert out.shape == (2, *enc.feature_shape) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 

@@ -3,7 +3,7 @@
 The tiny model is made to depend on its spatial features (`SENSITIVE`: lam 4 and LLM weights of
 std 0.15; with transformers' default 0.02 the random LLM's logits are near-uniform and shuffled
 features moved its loss by only ~2e-6), so that features of the wrong samples move the loss by
-more than 100 x LOSS_ATOL.
+more than 100 x the tolerances (LOSS_ATOL, FP32_LOSS_ATOL).
 
 Function level: one packed batch through build_model's model, features from the FeatureStore
 vs SpatialSource.encode_live vs SpatialEncoder.encode (fp32): same loss, same merger gradients
@@ -29,7 +29,10 @@ from vlnflow.config import deep_merge
 # pad's 4x4 feature map at 56 px (16 tokens per frame; the demo's crop default keeps 2x4) lets the tiny model
 # lean on its features; how frames are prepared is tested elsewhere, this file tests cache vs live.
 SENSITIVE = {"model": {"lam": 4.0, "tiny": {"initializer_range": 0.15}}, "spatial": {"preprocess": "pad"}}
-LOSS_ATOL = 1e-5  # bf16 rounding of the features (cache vs the fp32 encoder) moved the loss by 3.8e-6
+LOSS_ATOL = 1e-5  # between features of the same bf16 values (cache vs live: measured identical)
+# bf16 rounding of the features (the cache vs the fp32 encoder) moved the loss by 3.8e-6 on the first demo's frames
+# and by 2.0e-5 on issue 24's (one landmark drawn large; loss 6.72), whose wrong-sample control moves it by 1.8e-2
+FP32_LOSS_ATOL = 5e-5
 WRONG_FACTOR = 100  # features of the wrong samples must move the loss by more than this many LOSS_ATOL
 GRAD_RTOL = 1e-2  # relative L2 error of a gradient, fp32 vs bf16-rounded features (bf16 eps is 2**-8 = 0.4%)
 RUN_GRAD_RTOL = 1e-4  # between runs whose features are the same bf16 values (measured: bit-identical)
@@ -161,14 +164,15 @@ def test_cached_and_live_features_give_the_same_loss_and_merger_gradients(cache)
         return (num / torch.cat([b[n].flatten() for n in names]).norm()).item()
 
     ref_loss, ref_grads = loss_and_grads(cached)
-    for features in (live, fp32):
+    for features, atol in ((live, LOSS_ATOL), (fp32, FP32_LOSS_ATOL)):
         loss, grads = loss_and_grads(features)
-        assert abs(loss - ref_loss) <= LOSS_ATOL
+        assert abs(loss - ref_loss) <= atol, (loss, ref_loss)
         for name in ref_grads:
             assert rel_err(grads, ref_grads, [name]) <= GRAD_RTOL, name
     # features paired with the wrong samples move the loss and the merger gradients far beyond the tolerances
     wrong_loss, wrong_grads = loss_and_grads([cached[1], cached[2], cached[0]])
-    assert abs(wrong_loss - ref_loss) > WRONG_FACTOR * LOSS_ATOL, (wrong_loss, ref_loss)
+    assert abs(wrong_loss - ref_loss) > WRONG_FACTOR * LOSS_ATOL and abs(wrong_loss - ref_loss) > 100 * FP32_LOSS_ATOL, (
+        wrong_loss, ref_loss)
     assert rel_err(wrong_grads, ref_grads) > 10 * GRAD_RTOL
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vlnflow.data.demo import DEMO_EPISODES
 from vlnflow.errors import UserError
 
 
@@ -20,7 +21,7 @@ def _size(text: str) -> tuple[int, int]:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo-data", help="write the demo data set (episode dirs, annotations JSON, VLN-CE episodes file, a DAgger-layout set)")
     parser.add_argument("out", help="output folder (data/demo in the Makefile)")
-    parser.add_argument("--episodes", type=int, default=14, help="number of episodes (default 14)")
+    parser.add_argument("--episodes", type=int, default=DEMO_EPISODES, help=f"number of episodes (default {DEMO_EPISODES})")
     parser.add_argument("--size", type=_size, default=(640, 480), help="frame size WxH (default 640x480)")
     parser.add_argument("--lengths", default="demo", choices=["demo", "r2r"],
                         help="episode lengths: demo (3..40 steps) or r2r (R2R-CE-like, 10..120 around 57)")

@@ -46,8 +46,16 @@ VLNCE_EPISODES = "vlnce_train.json.gz"
 DAGGER_DIR = "dagger"
 DAGGER_EPISODES = 4
 ANNOTATION_HISTORY = 8  # JanusVLN create_data's max_history_images
+DEMO_EPISODES = 40  # enough for the demo's held-out episodes to show what training learnt (830 samples)
 
-_VERB = {"MOVE_FORWARD": "walk forward", "TURN_LEFT": "turn left", "TURN_RIGHT": "turn right"}
+# How an instruction names its landmark; the episode's seed picks one, so the wording varies but never says
+# where the landmark is: only the frames show that.
+_INSTRUCTIONS = (
+    "Walk to the {name} and stop next to it.",
+    "Go over to the {name} and stop there.",
+    "Find the {name} and stop when you reach it.",
+    "Head for the {name} and wait next to it.",
+)
 
 
 LENGTH_PROFILES = {"demo": (3, 40), "r2r": (10, 120)}  # (shortest, longest) episode in steps
@@ -68,34 +76,20 @@ def episode_lengths(n_episodes: int, rng: np.random.Generator, profile: str = "d
     return lengths
 
 
-def _segments(actions: list[str]) -> list[tuple[str, int, int]]:
-    """Runs of equal actions before STOP as (action, first frame, last frame)."""
-    runs: list[tuple[str, int, int]] = []
-    for i, action in enumerate(actions[:-1]):
-        if runs and runs[-1][0] == action:
-            runs[-1] = (action, runs[-1][1], i)
-        else:
-            runs.append((action, i, i))
-    return runs
-
-
-def _milestones(actions: list[str], final_mark: str) -> dict:
-    """instruction_text, subinstructions and completion_checkpoints (last frame of each sub-instruction)."""
-    runs = _segments(actions)
-    phrases = [f"{_VERB[a]} {'a few steps' if a == 'MOVE_FORWARD' and j - i > 2 else 'a little'}" for a, i, j in runs]
-    groups = [runs[k : k + 2] for k in range(0, len(runs), 2)] or [[]]
-    subs, checkpoints, cursor = [], [], 0
-    for gi, group in enumerate(groups):
-        words = phrases[cursor : cursor + len(group)]
-        cursor += len(group)
-        if gi == len(groups) - 1:
-            words.append(f"stop next to the {final_mark}")
-        sub = " and ".join(words) if words else f"stop next to the {final_mark}"
-        subs.append(sub[0].upper() + sub[1:] + ".")
-        if gi < len(groups) - 1:
-            checkpoints.append({"subinstruction_index": gi, "checkpoint_frame_index": group[-1][2]})
-    instruction = " ".join([subs[0]] + [f"Then {s[0].lower()}{s[1:]}" for s in subs[1:]])
-    return {"instruction_text": instruction, "subinstructions": subs, "completion_checkpoints": checkpoints}
+def _milestones(actions: list[str], target: str, wording: int) -> dict:
+    """instruction_text, subinstructions and completion_checkpoints: a first sub-instruction for the turns the
+    walk starts with (if any), then the approach; the checkpoint is the last frame of those turns."""
+    instruction = _INSTRUCTIONS[wording].format(name=target)
+    approach = f"Walk up to the {target} and stop next to it."
+    turns = next((i for i, a in enumerate(actions) if a not in ("TURN_LEFT", "TURN_RIGHT")), len(actions))
+    if turns == 0:
+        return {"instruction_text": instruction, "subinstructions": [approach], "completion_checkpoints": []}
+    side = "left" if actions[0] == "TURN_LEFT" else "right"
+    return {
+        "instruction_text": instruction,
+        "subinstructions": [f"Turn {side} to face the {target}.", approach],
+        "completion_checkpoints": [{"subinstruction_index": 0, "checkpoint_frame_index": turns - 1}],
+    }
 
 
 def textured(image: Image.Image, sigma: float, seed: int) -> Image.Image:
@@ -109,24 +103,21 @@ def textured(image: Image.Image, sigma: float, seed: int) -> Image.Image:
 def write_episode(directory: str, episode_id: str, length: int, seed: int, size: tuple[int, int], texture: float = 0.0) -> None:
     """One episode directory: rendered frames, their description JSONs and milestones_result.json."""
     rng = np.random.default_rng(seed)
-    actions = scene.plan_actions(rng, length)
-    marks = scene.place_landmarks(rng)
+    target, actions, poses = scene.plan_episode(rng, length)
     wall_index = int(rng.integers(len(scene.WALLS)))
     wall_name = ("beige", "pale blue", "sand", "sage")[wall_index]
+    wording = int(rng.integers(len(_INSTRUCTIONS)))
     os.makedirs(directory, exist_ok=True)
-    poses = scene.poses(actions)
     for idx, (action, pose) in enumerate(zip(actions, poses)):
         stem = os.path.join(directory, step_filename(idx, action, "png")[: -len(".png")])
-        image = scene.render(pose, marks, scene.WALLS[wall_index], size, f"{episode_id} step {idx} {action}")
+        image = scene.render(pose, [target], scene.WALLS[wall_index], size, f"{episode_id} step {idx}")
         image = textured(image, texture, seed * 1009 + idx)
         image.save(stem + ".png", optimize=False, compress_level=6)
-        landmark, spatial = scene.describe(pose, marks, wall_name)
+        landmark, spatial = scene.describe(pose, [target], wall_name)
         with open(stem + ".json", "w") as fh:
             json.dump({"landmark_description": landmark, "spatial_description": spatial}, fh, indent=1)
-    final = scene.visible(poses[-1], marks)
-    final_mark = final[0][2].name if final else f"{wall_name} wall"
     with open(os.path.join(directory, MILESTONES), "w") as fh:
-        json.dump({"episode_id": episode_id, **_milestones(actions, final_mark)}, fh, indent=1)
+        json.dump({"episode_id": episode_id, **_milestones(actions, target.name, wording)}, fh, indent=1)
 
 
 def write_dagger_trajectory(root: str, trajectory_id: int, length: int, seed: int, size: tuple[int, int]) -> dict:
@@ -135,23 +126,19 @@ def write_dagger_trajectory(root: str, trajectory_id: int, length: int, seed: in
     As upstream's dagger.py writes them: actions[0] = -1, actions[k] = the action taken at frame k - 1
     (an index into STOP, MOVE_FORWARD, TURN_LEFT, TURN_RIGHT), one action per frame."""
     rng = np.random.default_rng(seed)
-    actions = scene.plan_actions(rng, length)
-    marks = scene.place_landmarks(rng)
+    target, actions, poses = scene.plan_episode(rng, length)
     wall_index = int(rng.integers(len(scene.WALLS)))
-    wall_name = ("beige", "pale blue", "sand", "sage")[wall_index]
+    wording = int(rng.integers(len(_INSTRUCTIONS)))
     video = f"demo_scene_R2R_{trajectory_id:06d}"
     frames_dir = os.path.join(root, "images", video, "rgb")
     os.makedirs(frames_dir, exist_ok=True)
-    poses = scene.poses(actions)
-    for idx, (action, pose) in enumerate(zip(actions, poses)):
-        image = scene.render(pose, marks, scene.WALLS[wall_index], size, f"dagger {trajectory_id} step {idx} {action}")
+    for idx, pose in enumerate(poses):
+        image = scene.render(pose, [target], scene.WALLS[wall_index], size, f"dagger {trajectory_id} step {idx}")
         image.save(os.path.join(frames_dir, f"{idx:03d}.jpg"), quality=85)
-    final = scene.visible(poses[-1], marks)
-    final_mark = final[0][2].name if final else f"{wall_name} wall"
     return {
         "id": trajectory_id,
         "video": f"images/{video}",
-        "instructions": [_milestones(actions, final_mark)["instruction_text"]],
+        "instructions": [_INSTRUCTIONS[wording].format(name=target.name)],
         "actions": [-1] + [ACTIONS.index(a) for a in actions[:-1]],
     }
 
@@ -206,7 +193,7 @@ def _write_one(args: tuple) -> None:
 
 def make_demo(
     out: str,
-    n_episodes: int = 14,
+    n_episodes: int = DEMO_EPISODES,
     size: tuple[int, int] = (640, 480),
     seed: int = 0,
     force: bool = False,

@@ -1,10 +1,16 @@
-"""A tiny deterministic 'indoor walk' for the demo data set: plan, pose and rendered frames.
+"""A tiny deterministic 'indoor walk' for the demo data set: the expert's plan, poses and rendered frames.
 
-Each episode is a room with coloured landmarks (doors, boxes, plants, paintings)
-on a floor plane; the agent moves 0.25 m per MOVE_FORWARD and turns 15 degrees per
-TURN_LEFT/TURN_RIGHT, as VLN-CE does. Frames are perspective renderings of what
-it sees, so they have real structure that changes with every action, and the
-per-step descriptions are computed from the same geometry.
+Each episode is a room with one coloured landmark (a door, box, plant, painting or cabinet) on a floor
+plane, and the instruction names it: walk to it and stop next to it. The agent moves 0.25 m per
+MOVE_FORWARD and turns 15 degrees per TURN_LEFT/TURN_RIGHT, as VLN-CE does; it starts with the landmark
+0, 15 or 30 degrees off its heading, and now and then a forward step slips, ending 15 or 30 degrees
+turned (`SLIP_PROBABILITY`). Every action is the expert's answer to the frame it is taken at
+(`expert_action`): STOP once the landmark is within `STOP_RADIUS`, a turn towards it while it is more
+than `TURN_DEGREES_THRESHOLD` off the view centre, else MOVE_FORWARD. So the action follows from where
+the landmark is in the current frame, which the frames show and the text does not (the instruction is
+the same for every step of an episode, and a slip can come at any step): a tiny model can learn it, and
+a model that cannot see the frames cannot. Frames are perspective renderings of what the agent sees,
+and the per-step descriptions are computed from the same geometry.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ from PIL import Image, ImageDraw
 STEP_METRES = 0.25
 TURN_DEGREES = 15.0
 FOV_DEGREES = 90.0
+STOP_RADIUS = 1.0  # metres: the expert stops once the landmark is closer than this
+TURN_DEGREES_THRESHOLD = 8.0  # the expert turns while the landmark is further off the view centre (> 15 / 2: no dithering)
+START_BEARINGS = (-30.0, -15.0, 0.0, 15.0, 30.0)  # where the landmark starts, off the heading: always in view
+SLIP_PROBABILITY = 0.5  # chance that a forward step ends turned by one of SLIPS
+SLIPS = (-30.0, -15.0, 15.0, 30.0)  # degrees; a multiple of the turn, so the expert can face the landmark again
+MAX_START_METRES = 15.0
 
 KINDS = ("door", "box", "plant", "painting", "cabinet")
 COLOURS = {
@@ -30,6 +42,7 @@ COLOURS = {
     "white": (235, 235, 230),
     "brown": (130, 85, 50),
 }
+FOLIAGE = (40, 130, 60)  # a plant's leaves, drawn over its coloured pot
 WALLS = ((205, 200, 185), (180, 195, 205), (210, 190, 170), (190, 205, 180))
 
 
@@ -54,53 +67,74 @@ class Pose:
     heading: float  # degrees, 0 = +y, positive = turned left
 
 
-def plan_actions(rng: np.random.Generator, length: int) -> list[str]:
-    """length actions ending in STOP, made of forward runs and turns (forward-biased like real paths)."""
-    actions: list[str] = []
-    while len(actions) < length - 1:
-        roll = rng.random()
-        if roll < 0.55:
-            actions += ["MOVE_FORWARD"] * int(rng.integers(2, 7))
-        else:
-            actions += ["TURN_LEFT" if roll < 0.78 else "TURN_RIGHT"] * int(rng.integers(1, 5))
-    return actions[: length - 1] + ["STOP"]
+def expert_action(pose: Pose, target: Landmark) -> str:
+    """What the expert does at `pose`: stop next to the target, turn towards it, or walk on."""
+    dist, bearing = relative(pose, target)
+    if dist < STOP_RADIUS:
+        return "STOP"
+    if abs(bearing) > TURN_DEGREES_THRESHOLD:
+        return "TURN_LEFT" if bearing > 0 else "TURN_RIGHT"
+    return "MOVE_FORWARD"
 
 
-def poses(actions: list[str]) -> list[Pose]:
-    """The pose at which each frame is taken (before its action is executed)."""
-    pose, out = Pose(0.0, 0.0, 0.0), []
-    for action in actions:
-        out.append(pose)
+def advance(pose: Pose, action: str, slip: float = 0.0) -> Pose:
+    """The pose after `action`; a forward step ends turned by `slip` degrees."""
+    if action == "MOVE_FORWARD":
+        rad = math.radians(pose.heading)
+        return Pose(pose.x - STEP_METRES * math.sin(rad), pose.y + STEP_METRES * math.cos(rad), pose.heading + slip)
+    if action == "TURN_LEFT":
+        return Pose(pose.x, pose.y, pose.heading + TURN_DEGREES)
+    if action == "TURN_RIGHT":
+        return Pose(pose.x, pose.y, pose.heading - TURN_DEGREES)
+    return pose
+
+
+def walk(target: Landmark, slips: np.ndarray, max_steps: int) -> tuple[list[str], list[Pose]]:
+    """The expert's actions from the start pose until STOP (or `max_steps`), and the pose of each frame;
+    the k-th forward step slips by slips[k]."""
+    pose, actions, poses_ = Pose(0.0, 0.0, 0.0), [], []
+    forward = 0
+    while len(actions) < max_steps:
+        action = expert_action(pose, target)
+        actions.append(action)
+        poses_.append(pose)
+        if action == "STOP":
+            break
+        slip = 0.0
         if action == "MOVE_FORWARD":
-            rad = math.radians(pose.heading)
-            pose = Pose(pose.x - STEP_METRES * math.sin(rad), pose.y + STEP_METRES * math.cos(rad), pose.heading)
-        elif action == "TURN_LEFT":
-            pose = Pose(pose.x, pose.y, pose.heading + TURN_DEGREES)
-        elif action == "TURN_RIGHT":
-            pose = Pose(pose.x, pose.y, pose.heading - TURN_DEGREES)
-    return out
+            slip, forward = float(slips[forward % len(slips)]), forward + 1
+        pose = advance(pose, action, slip)
+    return actions, poses_
 
 
-def place_landmarks(rng: np.random.Generator, count: int = 7) -> list[Landmark]:
-    """Landmarks scattered around the start, mostly ahead, at 1.5-7 m."""
-    names = list(COLOURS)
-    out = []
-    for _ in range(count):
-        bearing = math.radians(rng.uniform(-60, 60) if rng.random() < 0.7 else rng.uniform(-170, 170))
-        dist = rng.uniform(1.5, 7.0)
-        kind = KINDS[int(rng.integers(len(KINDS)))]
-        height = {"door": 2.0, "box": 0.6, "plant": 1.1, "painting": 0.8, "cabinet": 1.4}[kind]
-        out.append(
-            Landmark(
-                kind,
-                names[int(rng.integers(len(names)))],
-                -dist * math.sin(bearing),
-                dist * math.cos(bearing),
-                height,
-                float(rng.uniform(0.5, 1.1)),
-            )
-        )
-    return out
+def plan_episode(rng: np.random.Generator, length: int) -> tuple[Landmark, list[str], list[Pose]]:
+    """A target landmark and the expert's `length` actions (the last one STOP) with the pose of each frame.
+
+    The landmark's look, its start bearing and the slips are drawn; its distance is then the first one
+    (scanned in 1 cm steps) at which the expert's walk takes exactly `length` steps.
+    """
+    if length < 1:
+        raise ValueError(f"an episode needs at least one step, got {length}")
+    for _ in range(100):
+        look = _landmark_look(rng)
+        rad = math.radians(START_BEARINGS[int(rng.integers(len(START_BEARINGS)))])
+        slips = np.where(rng.random(length) < SLIP_PROBABILITY, rng.choice(SLIPS, size=length), 0.0)
+        for dist in np.arange(0.3 if length == 1 else STOP_RADIUS, MAX_START_METRES, 0.01):
+            target = Landmark(*look[:2], -dist * math.sin(rad), dist * math.cos(rad), *look[2:])
+            actions, poses_ = walk(target, slips, length + 1)
+            if len(actions) == length and actions[-1] == "STOP":
+                return target, actions, poses_
+            if len(actions) > length:
+                break
+    raise RuntimeError(f"no start distance gives an expert walk of {length} steps")
+
+
+def _landmark_look(rng: np.random.Generator) -> tuple[str, str, float, float]:
+    """(kind, colour, height, width) of a landmark."""
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    height = {"door": 2.0, "box": 1.0, "plant": 1.2, "painting": 1.1, "cabinet": 1.4}[kind]  # >= 1 m: in view at STOP_RADIUS
+    return kind, colour, height, float(rng.uniform(0.7, 1.2))
 
 
 def relative(pose: Pose, mark: Landmark) -> tuple[float, float]:
@@ -185,7 +219,7 @@ def render(
                 fill=(250, 250, 240),
             )
         elif mark.kind == "plant":
-            draw.ellipse([cx - half * 1.3, top - half, cx + half * 1.3, top + half * 1.2], fill=(40, 130, 60))
+            draw.ellipse([cx - half * 1.3, top - half, cx + half * 1.3, top + half * 1.2], fill=FOLIAGE)
         elif mark.kind == "box":
             draw.line([cx - half, top, cx + half, bottom], fill=(30, 30, 30), width=max(1, w // 320))
     draw.text((4, 4), label, fill=(20, 20, 20))

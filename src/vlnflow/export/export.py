@@ -61,6 +61,7 @@ def vlnflow_settings(config: dict, layout: str, step: int, run_dir: Path, frozen
         "spatial_channels": channels,
         "prompt_style": config["dataset"].get("prompt_style", "auto"),
         "dataset_root": str(config["dataset"]["root"]),
+        "val_fraction": float(config["dataset"].get("val_fraction", 0.0)),  # which episodes `predict --held-out` answers
         "source": {"run_dir": str(run_dir), "step": step, "frozen_from": frozen_from},
     }
 

@@ -12,6 +12,11 @@ the ACTION line of a structured answer) is compared with the label's.
 action from the head, as the seed pipeline's evaluation does: one forward pass over the prompt,
 argmax at its last token, no decoding. Both actions are printed, each with its accuracy and
 latency (the model's seconds per sample; preparing the sample is timed apart).
+
+`--held-out` answers only the episodes the run held out (its `dataset.val_fraction`, recorded in the
+export; vlnflow.data.split), which training never saw. Next to the accuracy stands the majority
+baseline on the same samples: always answering their most common action. A model that learnt nothing
+from the frames scores about that; `make demo` prints both.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ import pandas as pd
 import torch
 
 from vlnflow.data.prompts import parse_answer
+from vlnflow.data.split import split_by_episode
 from vlnflow.data.vocabulary import ACTIONS, canonical_action
 from vlnflow.errors import UserError
 
@@ -67,13 +74,15 @@ class Predictor:
     parts, so a model still in memory (the training engine's module) answers the same way.
     """
 
-    def __init__(self, model, tokenizer, collator, source, max_new_tokens: int = 128, head: str = "text"):
+    def __init__(self, model, tokenizer, collator, source, max_new_tokens: int = 128, head: str = "text",
+                 settings: dict | None = None):
         if head not in HEADS:
             raise UserError(f"--head must be one of {HEADS}, got {head!r}")
         if head == "action" and getattr(model, "action_head", None) is None:
             raise UserError("--head action: this model has no action head (it was trained with model.action_head.enabled "
                             "false); use --head text")
         self.head = head
+        self.settings = settings or {}  # the export's `vlnflow` section (from_export)
         self.model = model
         self.tokenizer = tokenizer
         self.collator = collator
@@ -113,7 +122,7 @@ class Predictor:
         source = SpatialSource({"spatial": spatial_cfg}, cache, expected_fingerprint=settings["encoder_fingerprint"],
                                encoder=_encoder_from_export(spatial_cfg, vggt_state(exported)))
         head = head or ("action" if model.action_head is not None else "text")
-        return cls(model, tokenizer, collator, source, max_new_tokens, head)
+        return cls(model, tokenizer, collator, source, max_new_tokens, head, settings)
 
     def predict_rows(self, rows: list[dict]):
         """Yield a Prediction per row; frames, tokens and cached features come from the trainer's TrainSamples."""
@@ -169,21 +178,43 @@ def _encoder_from_export(spatial_cfg: dict, state: dict | None):
     return encoder
 
 
-def read_samples(path: str | Path, n: int | None) -> list[dict]:
+def read_samples(path: str | Path, n: int | None, held_out: float | None = None) -> list[dict]:
+    """The first `n` (all: None or 0) rows of a samples table; with `held_out` (a dataset.val_fraction), only the
+    rows of the episodes that fraction holds out."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--samples {path}: file not found")
-    rows = pd.read_parquet(path).to_dict("records")
+    table = pd.read_parquet(path)
+    if held_out is not None:
+        table = split_by_episode(table, held_out)[1]
+    rows = table.to_dict("records")
     if not rows:
-        raise UserError(f"--samples {path} holds no samples")
+        what = f"held-out samples (dataset.val_fraction {held_out})" if held_out is not None else "samples"
+        raise UserError(f"--samples {path} holds no {what}")
     return rows[:n] if n else rows
 
 
+def held_out_fraction(settings: dict, model_dir: str) -> float:
+    """The dataset.val_fraction the exported run trained with; an error when it held nothing out."""
+    fraction = float(settings.get("val_fraction") or 0.0)
+    if fraction <= 0:
+        raise UserError(f"--held-out: the run exported to {model_dir} held out no episodes (dataset.val_fraction 0 or "
+                        "not recorded): train with dataset.val_fraction > 0, or leave --held-out off")
+    return fraction
+
+
 def summary(predictions: list[Prediction]) -> dict:
-    """Accuracy and mean latency of the decoded text's action and, when read, of the head's."""
+    """Accuracy and mean latency of the decoded text's action and, when read, of the head's; the majority baseline
+    (always the most common label action of these samples) and each label action's share answered right."""
     n = len(predictions)
     correct = sum(p.correct for p in predictions)
+    labels = Counter(p.label_action for p in predictions)
+    majority, majority_count = labels.most_common(1)[0]
+    per_action = {a: {"n": labels[a], "correct": sum(p.correct for p in predictions if p.label_action == a)}
+                  for a in ACTIONS if labels[a]}
     out = {"n": n, "correct": correct, "action_accuracy": correct / n,
+           "majority_action": majority, "majority_correct": majority_count, "majority_accuracy": majority_count / n,
+           "per_action": per_action,
            "mean_seconds": sum(p.seconds for p in predictions) / n,
            "text_mean_seconds": sum(p.text_seconds for p in predictions) / n}
     if all(p.head_action is not None for p in predictions):
@@ -199,6 +230,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="a `vlnflow export` directory")
     p.add_argument("--samples", default="results/index/samples.parquet")
     p.add_argument("--n", type=int, default=20, help="first N samples (0 = all)")
+    p.add_argument("--held-out", action="store_true", help="only the episodes the run held out for validation (its "
+                   "dataset.val_fraction, recorded in the export): samples training never saw")
+    p.add_argument("--show", type=int, help="print the first SHOW answers (default: all); the summary covers every sample")
     p.add_argument("--cache", help="feature cache manifest.json to read spatial features from (default: compute live)")
     p.add_argument("--dataset-root", help="root the samples' frame paths are relative to (default: the one the run trained on)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
@@ -213,10 +247,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     predictor = Predictor.from_export(args.model, device=args.device, cache=args.cache, dataset_root=args.dataset_root,
                                       max_new_tokens=args.max_new_tokens, head=args.head)
+    held_out = held_out_fraction(predictor.settings, args.model) if args.held_out else None
+    rows = read_samples(args.samples, args.n, held_out)
+    if not args.json and held_out is not None:
+        print(f"{len(rows)} samples of {len({r['episode_id'] for r in rows})} held-out episode(s) "
+              f"(dataset.val_fraction {held_out:g}); training never saw them")
     predictions = []
-    for pred in predictor.predict_rows(read_samples(args.samples, args.n)):
+    for pred in predictor.predict_rows(rows):
         predictions.append(pred)
-        if not args.json:
+        if not args.json and (args.show is None or len(predictions) <= args.show):
             mark = "ok " if pred.correct else "-- "
             head = "" if pred.head_action is None else f"  head: {pred.head_action} ({'ok' if pred.head_correct else '--'})"
             print(f"{mark}{pred.sample_id}  predicted: {_one_line(pred.answer)!r}  label: {_one_line(pred.label)!r}{head}")
@@ -225,8 +264,13 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"samples": [asdict(p) for p in predictions], **result}, sys.stdout, indent=2)
         print()
     else:
+        if args.show is not None and len(predictions) > args.show:
+            print(f"... {len(predictions) - args.show} more")
         print(f"action accuracy: {result['correct']}/{result['n']} = {100 * result['action_accuracy']:.1f}% "
               f"({result['mean_seconds']:.3f} s per sample)")
+        print(f"majority baseline (always {result['majority_action']}): {result['majority_correct']}/{result['n']} = "
+              f"{100 * result['majority_accuracy']:.1f}% on the same samples")
+        print("by label: " + ", ".join(f"{a} {c['correct']}/{c['n']}" for a, c in result["per_action"].items()))
         print(f"text:  {result['correct']}/{result['n']} = {100 * result['action_accuracy']:.1f}%, "
               f"{result['text_mean_seconds']:.4f} s per sample (greedy decoding, up to {args.max_new_tokens} tokens)")
         if "head_action_accuracy" in result:

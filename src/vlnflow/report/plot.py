@@ -48,7 +48,8 @@ def plot_timing(table: pd.DataFrame, runs: dict[str, pd.DataFrame], out_png: str
 
 
 def _plot_losses(ax, runs: dict[str, pd.DataFrame], val: dict[str, pd.DataFrame]) -> None:
-    """Training loss per logged step (line) and held-out loss per evaluation (markers)."""
+    """Training loss per logged step (line) and held-out loss per evaluation (markers), on a log scale when every
+    value is positive."""
     drawn = False
     for label, metrics in runs.items():
         if "loss" in metrics:
@@ -60,6 +61,8 @@ def _plot_losses(ax, runs: dict[str, pd.DataFrame], val: dict[str, pd.DataFrame]
         drawn = True
     if drawn:
         ax.legend(fontsize="small")
+        if all((m["loss"] > 0).all() for m in runs.values() if "loss" in m) and all((r["val_loss"] > 0).all() for r in val.values()):
+            ax.set_yscale("log")  # a run that learns falls by orders of magnitude: its late steps stay readable
     else:
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
