@@ -294,6 +294,7 @@ def fwdbwd_main(args, out: Path, work: Path) -> int:
                                         f"{r['median']:.3f} (range {r['min']:.3f}-{r['max']:.3f}, n={r['n']})"))
     for c in checks:
         print(f"{c['name']}: " + (f"loss {c['loss']}, grad rms rel {c['grad_rms_rel']}" if "loss" in c else "") +
+              (f", vs float32 {c['vs_float32']}" if "vs_float32" in c else "") +
               (f"together {c['together']}, alone {c['alone']}, rows identical {c['rows_identical']}" if "together" in c else "") +
               f" {'ok' if c.get('ok') else c.get('error')}")
     return 0 if all(r.get("ok") for r in rows + checks) else 1

@@ -358,6 +358,7 @@ def precompute_shard(
         "first_batch": warmup.first_batch_s or 0.0,  # the first batch on the device, its compile included
         "later_warmup": warm["warmup_s"] - (warmup.first_batch_s or 0.0),  # first batches of the other shape classes
     }
+    weights_split = getattr(encoder, "load_split_s", None)  # an encoder passed in by the caller has none
     steady_samples = n_done - warm["warmup_samples"]
     steady_s = max(0.0, loop_s - warm["warmup_s"] - first_data_s)
     counters = compile_cache.CompileCounters.since(counters_before)
@@ -384,6 +385,7 @@ def precompute_shard(
         # set-up = everything that is not the steady batch loop: the split below, summed
         "setup_s": sum(setup_split.values()),
         "setup_split_s": setup_split,
+        **({"weights_split_s": weights_split} if weights_split else {}),  # device_init, build, read of "weights"
         "loop_s": loop_s,
         "loop_samples_per_s": n_done / loop_s if loop_s > 0 else 0.0,
         # steady state: the loop without its warm-up batches (first batch of each shape class) and loader start

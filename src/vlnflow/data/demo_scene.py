@@ -29,7 +29,7 @@ TURN_DEGREES_THRESHOLD = 8.0  # the expert turns while the landmark is further o
 START_BEARINGS = (-30.0, -15.0, 0.0, 15.0, 30.0)  # where the landmark starts, off the heading: always in view
 SLIP_PROBABILITY = 0.5  # chance that a forward step ends turned by one of SLIPS
 SLIPS = (-30.0, -15.0, 15.0, 30.0)  # degrees; a multiple of the turn, so the expert can face the landmark again
-MAX_START_METRES = 15.0
+MAX_START_METRES = 40.0  # far enough for R2R-CE-long walks (120 steps, --lengths r2r)
 
 KINDS = ("door", "box", "plant", "painting", "cabinet")
 COLOURS = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -149,7 +150,12 @@ class SpatialEncoder:
             raise UserError(f"spatial.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
         device = resolve_device(spatial_cfg.get("device", "auto"))
         compute_dtype = DTYPES[dtype_name] if device.type == "cuda" else torch.float32
+        clock = time.perf_counter()
+        if device.type == "cuda":
+            torch.zeros(1, device=device)  # the CUDA context, timed apart from the weights
+        split = {"device_init": time.perf_counter() - clock}
         model = build_aggregator(PRESETS[preset], device=device, matmul_dtype=compute_dtype)
+        split["build"] = time.perf_counter() - clock - split["device_init"]
         weights = spatial_cfg.get("weights")
         if weights:
             file = find_weights_file(Path(weights).expanduser())
@@ -159,12 +165,15 @@ class SpatialEncoder:
             seed = int(spatial_cfg.get("seed", 0))
             init_random_(model, seed)
             weights_id = f"random:{preset}:seed={seed}"
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        split["read"] = time.perf_counter() - clock - split["device_init"] - split["build"]
         compile_setting = spatial_cfg.get("compile", "auto")
         if compile_setting not in COMPILE_SETTINGS:
             raise UserError(f"spatial.compile must be one of {sorted(COMPILE_SETTINGS)}, got {compile_setting!r}")
         options.setdefault("compile_blocks", COMPILE_SETTINGS[compile_setting])
         options.setdefault("shapes", ShapePolicy.from_config(spatial_cfg))
-        return cls(
+        encoder = cls(
             model,
             weights_id=weights_id,
             geometry=geometry_of(spatial_cfg),
@@ -175,6 +184,8 @@ class SpatialEncoder:
             batch_size=int(spatial_cfg.get("batch_size", 4)),
             **{"attention": spatial_cfg.get("attention", "auto"), **options},
         )
+        encoder.load_split_s = split  # what the precompute job's set-up split shows under weights
+        return encoder
 
     # ---- shapes and identity ------------------------------------------------------------
 
