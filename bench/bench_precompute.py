@@ -179,36 +179,6 @@ def write_weights(args, work: Path) -> tuple[Path, float]:
     return path, time.perf_counter() - t0
 
 
-def compare_readers(path: Path, device: str, repeats: int = 3) -> dict:
-    """Seconds to put every tensor of the weights file on `device`: safetensors' safe_open tensor by tensor (the
-    previous reader) vs vlnflow.spatial.bulk_read (the job's reader on a GPU), alternating, file in the page cache."""
-    import statistics
-
-    import torch
-    from safetensors import safe_open
-
-    from vlnflow.spatial.bulk_read import load_to_device
-
-    dev = torch.device(device)
-
-    def previous():
-        with safe_open(str(path), framework="pt", device=str(dev)) as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
-
-    readers = {"safe_open": previous, "bulk_read": lambda: load_to_device(path, dev)}
-    times: dict[str, list[float]] = {k: [] for k in readers}
-    for _ in range(repeats):
-        for name, read in readers.items():
-            t0 = time.perf_counter()
-            tensors = read()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times[name].append(time.perf_counter() - t0)
-            del tensors
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"bytes": path.stat().st_size, "seconds": times, "median_s": med, "safe_open_over_bulk": med["safe_open"] / med["bulk_read"]}
-
-
 # ------------------------------------------------------------------------------------------- workflow
 def overrides(args, root: Path, weights: Path, case: str) -> dict:
     """The workflow copy's config for one case."""
@@ -484,8 +454,6 @@ def main(argv=None) -> int:
         out = Path(args.out or Path(os.environ.get("OUT", ".")) / f"precompute_{card_slug(card)}.json")
         report["phases_s"]["data"] = report["data"]["seconds"]
         weights, report["phases_s"]["weights_file"] = write_weights(args, work)
-        report["weights_read"] = compare_readers(weights, device)
-        print(f"weights read onto {device}: {report['weights_read']['median_s']} (x{report['weights_read']['safe_open_over_bulk']:.2f})", flush=True)
         k_r2r = r2r_spot_check(args.r2r_config)
         done: list[dict] = []
         for case in args.cases:

@@ -104,8 +104,6 @@ def test_quick_run_end_to_end(tmp_path):
             "snakemake results/shards/shards.json -j 1", "snakemake results/cache/shard_00000.h5 -j 1", "snakemake precompute_all -j 1"]
         assert result["cold_job"]["shard"] == "shard_00000" and result["warm_job"]["shard"] == "shard_00001"
         assert set(result["warm_job"]["setup_split_s"]) == {"imports", "weights", "open", "first_data", "first_batch", "later_warmup"}
-        assert set(result["warm_job"]["weights_split_s"]) == {"device_init", "build", "read"}
+        assert set(result["warm_job"]["weights_split_s"]) == {"device_init", "build", "read", "kernels"}
         assert sum(result["warm_job"]["weights_split_s"].values()) <= result["warm_job"]["setup_split_s"]["weights"]
-    read = report["weights_read"]
-    assert read["bytes"] > 0 and len(read["seconds"]["safe_open"]) == len(read["seconds"]["bulk_read"]) == 3
     assert report["provenance"]["versions"]["torch"] and report["data"]["samples"] > 40

@@ -385,7 +385,7 @@ def precompute_shard(
         # set-up = everything that is not the steady batch loop: the split below, summed
         "setup_s": sum(setup_split.values()),
         "setup_split_s": setup_split,
-        **({"weights_split_s": weights_split} if weights_split else {}),  # device_init, build, read of "weights"
+        **({"weights_split_s": weights_split} if weights_split else {}),  # device_init, build, read, kernels of "weights"
         "loop_s": loop_s,
         "loop_samples_per_s": n_done / loop_s if loop_s > 0 else 0.0,
         # steady state: the loop without its warm-up batches (first batch of each shape class) and loader start

@@ -5,9 +5,9 @@ under `aggregator.` are kept (an unprefixed aggregator state dict works too);
 the heads (camera, depth, point, track) are ignored with one log line. Every
 aggregator key must be present with the right shape: a missing, unexpected or
 mis-shaped key is an error naming it and the file. Tensors are read one at a
-time (safetensors on the CPU) or memory-mapped (.pt), so loading the 3.6 GB
-aggregator needs no second copy in host memory; a GPU model reads safetensors in
-bulk onto the GPU (spatial/bulk_read.py) and casts each tensor there.
+time (safetensors, straight onto the model's device) or memory-mapped (.pt), so
+loading the 3.6 GB aggregator needs no second copy in memory, and a GPU model
+casts each tensor to its dtype on the GPU.
 """
 
 from __future__ import annotations
@@ -49,12 +49,6 @@ def find_weights_file(path: str | Path) -> Path:
 @contextlib.contextmanager
 def open_tensors(file: Path, device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]]:
     """(shapes by key, reader of one tensor) for a safetensors or torch.save file; safetensors reads onto `device`."""
-    if file.suffix == ".safetensors" and torch.device(device).type == "cuda":
-        from vlnflow.spatial.bulk_read import load_to_device
-
-        tensors = load_to_device(file, torch.device(device))  # sequential chunks through pinned buffers
-        yield {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__
-        return
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -168,6 +168,7 @@ class SpatialEncoder:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         split["read"] = time.perf_counter() - clock - split["device_init"] - split["build"]
+        clock = time.perf_counter()
         compile_setting = spatial_cfg.get("compile", "auto")
         if compile_setting not in COMPILE_SETTINGS:
             raise UserError(f"spatial.compile must be one of {sorted(COMPILE_SETTINGS)}, got {compile_setting!r}")
@@ -184,6 +185,7 @@ class SpatialEncoder:
             batch_size=int(spatial_cfg.get("batch_size", 4)),
             **{"attention": spatial_cfg.get("attention", "auto"), **options},
         )
+        split["kernels"] = time.perf_counter() - clock  # the attention kernel chosen (flash-attn-4 imported), compile set up
         encoder.load_split_s = split  # what the precompute job's set-up split shows under weights
         return encoder
 
