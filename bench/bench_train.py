@@ -59,11 +59,15 @@ def base_config(work: Path, tiny: bool) -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["dataset"]["root"] = str(work / "data" / "episodes")
     cfg["history"] = {"max_frames": 8, "pad": "repeat_first"}
+    # the seed pipeline's samples (issue 25's 7B shape: structured answers, reference frame last, nothing held out),
+    # pinned here: config.yaml's demo settings (action answers since issue 24) must not change what is measured
+    cfg["dataset"].update({"prompt_style": "descriptions", "val_fraction": 0.0})
+    cfg["spatial"]["reference_frame"] = "last"
     cfg["shards"]["count"] = 2
     cfg["cache"]["spot_check"] = 0
     cfg["train"].update(
         {"run": "bench", "samples": str(work / "index" / "samples.parquet"), "cache": str(work / "cache" / "manifest.json"),
-         "save_every": 10**6, "save_at_end": False, "resume": False, "phase_timing": True, "loader": {"workers": 4 if not tiny else 1, "prefetch_factor": 4}}
+         "save_every": 10**6, "save_at_end": False, "resume": False, "phase_timing": True, "eval_every": None, "loader": {"workers": 4 if not tiny else 1, "prefetch_factor": 4}}
     )
     if not tiny:
         cfg["spatial"].update({"preset": "vggt-1b", "image_size": 644, "device": "cuda", "batch_size": 16})

@@ -6,6 +6,7 @@
 #                                              # wheels; VGGT's default kernels vs fp32, the encoder crop vs pad
 #   bash bench/run_gpu_session.sh train        # carry .gpuB .gpuC: every other wheel; the LLM layer's and the vision
 #                                              # tower's default kernels, the training step (fwd+bwd) crop and pad
+#   bash bench/run_gpu_session.sh rerun        # carry .gpuB .gpuC after stage: the training step alone (seed samples)
 #   bash bench/run_gpu_session.sh precompute   # nothing carried: the pad vision tower check, precompute at real
 #                                              # scale (pad, then crop), the weight readers
 #
@@ -58,6 +59,12 @@ precompute)
   run kernels_pad 50 python3 bench/check_default_kernels.py --preprocess pad --only vision_tower --out "$OUT/kernels_pad"
   run precompute 520 python3 bench/bench_precompute.py --cases pad,crop --samples 1200 --min-samples 600 --budget-s 470 \
     --out "$OUT/precompute.json"
+  ;;
+rerun)  # after `stage` on a fresh machine, carry .gpuB .gpuC: the training step with the seed's samples pinned
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpuB/*.whl .gpuC/*.whl || exit 1
+  cp -a /tmp/cu13/. "$SITE"/ || exit 1
+  run train 250 python3 bench/bench_train.py --mode fwdbwd --steps 6 --warmup 2 --budget-s 220 --out "$OUT" \
+    --cases check_new_vs_prev,prev,new,llm_only,new_vision_cache --cases-other new,llm_only,new_vision_cache
   ;;
 esac
 ls -la "$OUT"
