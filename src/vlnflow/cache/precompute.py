@@ -238,6 +238,12 @@ class BackgroundWriter:
             self.wait_s += time.perf_counter() - t0
         self._raise()
 
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also after a failure: the rows computed before it are written (resume keeps them)
+
 
 def precompute_shard(
     shard_parquet: str | Path,
@@ -310,12 +316,11 @@ def precompute_shard(
         n_skipped = n_done = 0
         compute_s = 0.0
         first_data_s = None
-        bar = tqdm(total=len(pending), unit="sample", desc=shard_name, disable=not progress, smoothing=0.1)
         prefetch = DevicePrefetcher(loader, device)
-        background = BackgroundWriter(writer)
-        open_s = time.perf_counter() - t0
-        loop_started = time.perf_counter()
-        try:
+        with tqdm(total=len(pending), unit="sample", desc=shard_name, disable=not progress, smoothing=0.1) as bar, \
+                BackgroundWriter(writer) as background:
+            open_s = time.perf_counter() - t0
+            loop_started = time.perf_counter()
             for number, (batch, images, index) in enumerate(prefetch):
                 if first_data_s is None:
                     first_data_s = prefetch.data_wait_s  # worker start-up + decoding the first batch
@@ -337,11 +342,6 @@ def precompute_shard(
                     background.write(batch.rows, host, (start, end))
                     n_done += n
                 bar.update(len(batch.rows) + len(batch.errors))
-        finally:
-            try:
-                background.close()  # rows computed before a failure are still written (resume keeps them)
-            finally:
-                bar.close()
         loop_s = time.perf_counter() - loop_started
         writer.finalize()
     if reuse:

@@ -141,10 +141,9 @@ def precompute_vision_shard(
         )
         n_done = n_skipped = 0
         compute_s = data_wait = 0.0
-        bar = tqdm(total=len(pending), unit="frame", desc=Path(out_h5).stem, disable=not progress, smoothing=0.1)
-        background = BackgroundWriter(writer)
-        loop_started = time.perf_counter()
-        try:
+        with tqdm(total=len(pending), unit="frame", desc=Path(out_h5).stem, disable=not progress, smoothing=0.1) as bar, \
+                BackgroundWriter(writer) as background:
+            loop_started = time.perf_counter()
             it = iter(loader)
             while True:
                 t0 = time.perf_counter()
@@ -169,11 +168,6 @@ def precompute_vision_shard(
                     background.write(batch.rows, host, (start, end))
                     n_done += len(batch.rows)
                 bar.update(len(batch.rows) + len(batch.errors))
-        finally:
-            try:
-                background.close()  # rows computed before a failure are still written (resume keeps them)
-            finally:
-                bar.close()
         loop_s = time.perf_counter() - loop_started
         writer.finalize()
     wall = time.perf_counter() - started
