@@ -229,6 +229,16 @@ class BackgroundWriter:
     def skip(self, row: int, reason: str) -> None:
         self._put(("skip", (row, reason)))
 
+    def skip_errors(self, errors: dict[int, str], on_error: str) -> int:
+        """A batch's unreadable rows: raise the first (`dataset.on_error: fail`) or record each as skipped, logged;
+        returns how many were skipped."""
+        for row, why in errors.items():
+            if on_error == "fail":
+                raise DatasetError(why)
+            log.warning("skipped %s", why)
+            self.skip(row, why)
+        return len(errors)
+
     def close(self) -> None:
         """Finish every queued call (rows already computed are kept, also when the caller failed), then re-raise."""
         if self.thread.is_alive():
@@ -324,12 +334,7 @@ def precompute_shard(
             for number, (batch, images, index) in enumerate(prefetch):
                 if first_data_s is None:
                     first_data_s = prefetch.data_wait_s  # worker start-up + decoding the first batch
-                for row, why in batch.errors.items():
-                    if config["dataset"]["on_error"] == "fail":
-                        raise DatasetError(why)
-                    log.warning("skipped %s", why)
-                    background.skip(row, why)
-                    n_skipped += 1
+                n_skipped += background.skip_errors(batch.errors, config["dataset"]["on_error"])
                 if batch.rows:
                     n = len(batch.rows)
                     with warmup.batch(number, batch.key, n, batch.shape or f"{n} samples"):

@@ -151,12 +151,7 @@ def precompute_vision_shard(
                 data_wait += time.perf_counter() - t0
                 if batch is None:
                     break
-                for row, why in batch.errors.items():
-                    if config["dataset"]["on_error"] == "fail":
-                        raise DatasetError(why)
-                    log.warning("skipped %s", why)
-                    background.skip(row, why)
-                    n_skipped += 1
+                n_skipped += background.skip_errors(batch.errors, config["dataset"]["on_error"])
                 if batch.rows:
                     t0 = time.perf_counter()
                     start = timing_event(device)
