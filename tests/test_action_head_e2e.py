@@ -15,28 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import build_cache, run_trainer
+from train_helpers import KEEP_ENGINE, build_cache, run_trainer
 from vlnflow.cli import main as cli
 from vlnflow.config import deep_merge, load_config
 
 STEPS, N = 10, 4
 HEAD_KEYS = {f"action_head.{i}.{k}" for i in (0, 1, 3) for k in ("weight", "bias")}  # the seed's names
 
-DRIVER = """
-import sys
-import deepspeed, torch
+DRIVER = KEEP_ENGINE + """
 from safetensors.torch import save_file
-engines = []
-initialize = deepspeed.initialize
-def keep(*args, **kwargs):
-    out = initialize(*args, **kwargs)
-    engines.append(out[0])
-    return out
-deepspeed.initialize = keep
-from vlnflow.train.run import main
-rc = main(sys.argv[1:])
-if rc:
-    sys.exit(rc)
 from pathlib import Path
 import pandas as pd
 from vlnflow.config import load_config

@@ -28,7 +28,7 @@ import re
 import pandas as pd
 import pytest
 
-from train_helpers import build_cache, run_trainer
+from train_helpers import KEEP_ENGINE, build_cache, run_trainer
 from vlnflow.cli import main as cli
 from vlnflow.data.split import split_by_episode
 
@@ -51,19 +51,10 @@ if sys.argv[1] == "--blank-qwen":
         height, width = geometry.qwen_hw
         return Image.new("RGB", (width, height), (128, 128, 128))
     Collator.__init__.__kwdefaults__["load_frame"] = blank
-import deepspeed, torch
-engines, initial = [], {}
-initialize = deepspeed.initialize
-def keep(*args, **kwargs):
-    out = initialize(*args, **kwargs)
-    engines.append(out[0])
-    initial.update({n: p.detach().clone() for n, p in out[0].module.merger.named_parameters()})
-    return out
-deepspeed.initialize = keep
-from vlnflow.train.run import main
-rc = main(sys.argv[1:])
-if rc:
-    sys.exit(rc)
+initial = {}
+def on_engine(engine):
+    initial.update({n: p.detach().clone() for n, p in engine.module.merger.named_parameters()})
+""" + KEEP_ENGINE + """
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 final = dict(engines[0].module.merger.named_parameters())
 change = sum((final[n].detach() - p).pow(2).sum() for n, p in initial.items()).sqrt() / sum(p.pow(2).sum() for p in initial.values()).sqrt()

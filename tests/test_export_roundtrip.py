@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import build_cache, run_trainer
+from train_helpers import KEEP_ENGINE, build_cache, run_trainer
 from vlnflow.cli import main as cli
 from vlnflow.config import deep_merge, load_config
 
@@ -27,21 +27,9 @@ RTOL = 1e-5
 
 # vlnflow.train.run's main, with deepspeed.initialize wrapped to keep the engine; afterwards the
 # trained module computes the reference logits and greedy answers (fp32 on CPU).
-DRIVER = """
-import json, sys
-import deepspeed, torch
+DRIVER = KEEP_ENGINE + """
+import json
 from safetensors.torch import save_file
-engines = []
-initialize = deepspeed.initialize
-def keep(*args, **kwargs):
-    out = initialize(*args, **kwargs)
-    engines.append(out[0])
-    return out
-deepspeed.initialize = keep
-from vlnflow.train.run import main
-rc = main(sys.argv[1:])
-if rc:
-    sys.exit(rc)
 from pathlib import Path
 import pandas as pd
 from vlnflow.config import load_config

@@ -90,6 +90,27 @@ def swapped_cache(full_manifest: Path, out: Path, a: str, b: str) -> Path:
     return out / "manifest.json"
 
 
+# The first lines of a training driver (run_trainer's `driver`): vlnflow.train.run's main with deepspeed.initialize
+# wrapped so that the engine is kept (`engines[0]` afterwards); a driver that defines `on_engine(engine)` before
+# these lines also sees the engine as initialize returns it (e.g. to copy the initial weights).
+KEEP_ENGINE = """
+import sys
+import deepspeed, torch
+engines = []
+_initialize = deepspeed.initialize
+def _keep(*args, **kwargs):
+    out = _initialize(*args, **kwargs)
+    engines.append(out[0])
+    globals().get("on_engine", lambda engine: None)(out[0])
+    return out
+deepspeed.initialize = _keep
+from vlnflow.train.run import main
+rc = main(sys.argv[1:])
+if rc:
+    sys.exit(rc)
+"""
+
+
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
