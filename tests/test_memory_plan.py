@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tiny_frames import write_random_frames
 from vlnflow.model.batching import Collator
 from vlnflow.spatial.geometry import FrameGeometry
 from vlnflow.model.loading import build_model, load_processors
@@ -122,9 +122,7 @@ def test_committed_peaks_calibrate_the_7b_plans():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 2)
     cfg = {"preset": "tiny", "merger_hidden": 24, "tiny": {"text_layers": 3}}
     geometry = FrameGeometry("pad", 56, (64, 48))
     tokenizer, processor = load_processors(cfg, geometry)

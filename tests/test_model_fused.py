@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tiny_frames import write_random_frames
 from vlnflow.errors import UserError
 from vlnflow.model import fused_kernels
 from vlnflow.model.batching import Collator
@@ -25,9 +24,7 @@ CFG = {"preset": "tiny", "seed": 0, "lam": 0.5, "merger_hidden": 24, "vision_fas
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 4)
     tokenizer, processor = load_processors(CFG, GEOMETRY)
     collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=root)
     row = dict(episode_id="e", instruction="walk to the door", action="TURN_LEFT", prompt=None, answer=None,

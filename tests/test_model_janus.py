@@ -8,12 +8,11 @@ reach merger and LLM but not the frozen vision tower; loading from directories.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
+from tiny_frames import write_random_frames
 from vlnflow.config import ConfigError
 from vlnflow.model.batching import Collator
 from vlnflow.spatial.geometry import FrameGeometry
@@ -38,9 +37,7 @@ def cfg(**overrides):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 7)
     rows = [
         dict(sample_id="s0", episode_id="e0", frames=["f0.png", "f1.png"], instruction="walk to the table",
              action="MOVE_FORWARD", prompt=None, answer=None, sub_instruction="walk forward",

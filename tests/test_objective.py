@@ -10,12 +10,11 @@ mean, bit for bit.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from tiny_frames import write_random_frames
 from vlnflow.data.prompts import build_prompt
 from vlnflow.errors import DatasetError, UserError
 from vlnflow.model.batching import Collator
@@ -61,9 +60,7 @@ def row(sample_id, frames, parts=None, action=None, answer=None):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 6)
     rows = [
         row("plain", ["f0.png", "f1.png"], PLAIN),
         row("sign", ["f2.png", "f3.png", "f4.png"], SIGN),

@@ -4,12 +4,11 @@ the model computes itself."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tiny_frames import index_row as row, write_random_frames
 from vlnflow.model.batching import Collator
 from vlnflow.model.host_prep import HOST_KEYS, to_device, vision_kwargs
 from vlnflow.spatial.geometry import FrameGeometry
@@ -26,19 +25,10 @@ MODEL_CFG = {
 GRID, CHANNELS = (4, 4), 12
 
 
-def row(sample_id, frames, **extra):
-    base = dict(sample_id=sample_id, episode_id="e", frames=frames, instruction="walk to the table", action="MOVE_FORWARD",
-                prompt=None, answer=None, sub_instruction="walk forward", description_2d="a table",
-                description_3d="one meter ahead", source_format="episodes")
-    return {**base, **extra}
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 6)
     rows = [row("a", ["f0.png", "f1.png"]), row("b", ["f2.png", "f3.png", "f4.png"], action="STOP"), row("c", ["f5.png"])]
     tokenizer, processor = load_processors(MODEL_CFG, GEOMETRY)
     collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=root)

@@ -7,11 +7,10 @@ stored dtype float32 keeps the rows exact, bf16 storage rounds them (bounded sep
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tiny_frames import index_row as row, write_random_frames
 from vlnflow.model.batching import Collator
 from vlnflow.model.host_prep import add_host_metadata
 from vlnflow.model.loading import build_model, load_processors
@@ -33,19 +32,10 @@ GRAD_RTOL_BF16 = 1e-2  # relative L2 error of the visual merger's gradient, same
 WRONG_FACTOR = 100  # swapping two frames' rows must move the loss by more than this many LOSS_ATOL_BF16
 
 
-def row(sample_id, frames, **extra):
-    base = dict(sample_id=sample_id, episode_id="e", frames=frames, instruction="walk to the table", action="MOVE_FORWARD",
-                prompt=None, answer=None, sub_instruction="walk forward", description_2d="a table",
-                description_3d="one meter ahead", source_format="episodes")
-    return {**base, **extra}
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"f{i}.png")
+    write_random_frames(root, 6)
     rows = [row("a", ["f0.png", "f1.png"]), row("b", ["f2.png", "f3.png", "f4.png"], action="STOP"), row("c", ["f5.png", "f0.png"])]
     tokenizer, processor = load_processors(MODEL_CFG, GEOMETRY)
     collator = Collator(tokenizer, processor, GEOMETRY, dataset_root=root)
